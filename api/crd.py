@@ -1,0 +1,170 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the pydantic types.
+
+`python -m kubesloth.api.crd --write` rewrites crds/ (and the chart's copy); tests/test_crd.py fails when the
+committed files drift from what the types generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import v1alpha1 as api
+
+# JSON-Schema keywords a Kubernetes structural schema understands, with the same meaning.
+_KEPT = {
+    "type", "description", "enum", "minimum", "maximum", "pattern", "minLength", "maxLength",
+    "minItems", "maxItems", "default", "format", "required", "properties", "items", "additionalProperties",
+}
+
+
+def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in schema:
+        target = copy.deepcopy(defs[schema["$ref"].split("/")[-1]])
+        merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return _resolve(merged, defs)
+    return schema
+
+
+def to_structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Turn one pydantic JSON-Schema node into an OpenAPI v3 structural node (refs inlined, null as nullable)."""
+    schema = _resolve(schema, defs)
+    out: dict[str, Any] = {}
+    any_of = schema.get("anyOf")
+    if any_of:
+        non_null = [s for s in any_of if s.get("type") != "null"]
+        if len(non_null) != 1:
+            raise ValueError(f"cannot express a union of {len(non_null)} types structurally: {schema}")
+        inner = to_structural(non_null[0], defs)
+        out.update(inner)
+        if len(non_null) != len(any_of):
+            out["nullable"] = True
+        for key in ("description", "default"):
+            if key in schema:
+                out[key] = schema[key]
+        if out.get("default", 0) is None:
+            del out["default"]
+        return out
+
+    if "const" in schema:
+        out["enum"] = [schema["const"]]
+    for key, value in schema.items():
+        if key in _KEPT and key not in ("properties", "items", "additionalProperties", "required"):
+            out[key] = value
+    # JSON Schema 2020 writes exclusive bounds as numbers; OpenAPI v3 (Kubernetes) as booleans.
+    if "exclusiveMinimum" in schema:
+        out["minimum"], out["exclusiveMinimum"] = schema["exclusiveMinimum"], True
+    if "exclusiveMaximum" in schema:
+        out["maximum"], out["exclusiveMaximum"] = schema["exclusiveMaximum"], True
+    if out.get("type") == "object" or "properties" in schema:
+        out["type"] = "object"
+        props = schema.get("properties")
+        if props:
+            out["properties"] = {name: to_structural(sub, defs) for name, sub in props.items()}
+            if schema.get("required"):
+                out["required"] = list(schema["required"])
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            out["additionalProperties"] = to_structural(extra, defs)
+    if out.get("type") == "array" and "items" in schema:
+        out["items"] = to_structural(schema["items"], defs)
+    if "enum" in out and "type" not in out:
+        out["type"] = "string"
+    return out
+
+
+def _schema_of(model: type) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    return to_structural(raw, defs)
+
+
+def openapi_schema() -> dict[str, Any]:
+    spec = _schema_of(api.FineTuneJobSpec)
+    status = _schema_of(api.FineTuneJobStatus)
+    # Objects whose children have defaults need a default themselves, else the server never descends into them.
+    for name in ("training", "resources"):
+        spec["properties"][name]["default"] = {}
+    status["x-kubernetes-preserve-unknown-fields"] = True
+    for name, prop in status["properties"].items():
+        if prop.get("type") == "object":
+            prop["x-kubernetes-preserve-unknown-fields"] = True
+    return {
+        "type": "object",
+        "description": api.FineTuneJob.__doc__,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+
+
+def crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{api.PLURAL}.{api.GROUP}",
+            "labels": {"app.kubernetes.io/name": "kubesloth", "app.kubernetes.io/part-of": "kubesloth"},
+        },
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": api.SHORT_NAMES,
+                "categories": api.CATEGORIES,
+            },
+            "versions": [{
+                "name": api.VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": api.PRINTER_COLUMNS,
+                "schema": {"openAPIV3Schema": openapi_schema()},
+            }],
+        },
+    }
+
+
+HEADER = "# Generated by `python -m kubesloth.api.crd --write` from api/v1alpha1.py. Do not edit.\n"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CRD_PATHS = (
+    REPO_ROOT / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml",
+    REPO_ROOT / "charts" / "kubesloth" / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml",
+)
+
+
+def render() -> str:
+    import yaml  # only the generator needs it; the types stay stdlib + pydantic
+
+    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="write the CRD files instead of printing")
+    args = parser.parse_args(argv)
+    text = render()
+    if not args.write:
+        sys.stdout.write(text)
+        return 0
+    for path in CRD_PATHS:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

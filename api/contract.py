@@ -1,0 +1,78 @@
+"""The contract between the operator's pod and the trainer inside it: paths, env vars, exit codes, metric names.
+
+Both sides import these names; neither hard-codes them. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import enum
+
+# The FineTuneJob (wire form: apiVersion/kind/metadata{name,namespace,uid}/spec) is mounted from a ConfigMap.
+CONFIG_DIR = "/etc/kubesloth"
+CONFIG_FILE_NAME = "finetunejob.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE_NAME}"
+
+# pvc://CLAIM/path resolves to PVC_ROOT/CLAIM/path inside the pod (the operator mounts each claim there).
+PVC_ROOT = "/mnt/pvc"
+# Unsloth / inductor compile caches: on the output volume so a restarted pod starts warm.
+TERMINATION_LOG = "/dev/termination-log"
+METRICS_PORT = 9400
+
+
+class Env(str, enum.Enum):
+    """Environment variables the pod sets and the trainer reads (the node agent rewrites path values)."""
+
+    CONFIG = "KUBESLOTH_CONFIG"  # path of the FineTuneJob YAML (default CONFIG_PATH)
+    PVC_ROOT = "KUBESLOTH_PVC_ROOT"  # where pvc:// claims are mounted (default PVC_ROOT)
+    METRICS_PORT = "KUBESLOTH_METRICS_PORT"  # Prometheus port (default METRICS_PORT; 0 = off)
+    METRICS_ADDR = "KUBESLOTH_METRICS_ADDR"  # bind address (the pod IP, from the downward API)
+    TERMINATION_LOG = "KUBESLOTH_TERMINATION_LOG"  # where the last message goes (default TERMINATION_LOG)
+    ENGINE = "KUBESLOTH_ENGINE"  # auto | unsloth | cpu
+    JOB_NAME = "KUBESLOTH_FINETUNEJOB"  # the FineTuneJob's name (metric label)
+    NAMESPACE = "KUBESLOTH_NAMESPACE"  # its namespace (metric label)
+    HF_TOKEN = "HF_TOKEN"  # from spec.model.tokenSecretRef; never logged
+
+
+class ExitCode(enum.IntEnum):
+    """Trainer exit codes the operator classifies into conditions (reason in parentheses)."""
+
+    OK = 0
+    ERROR = 1  # anything unforeseen (TrainerError)
+    BAD_CONFIG = 2  # the config cannot be used (InvalidConfig)
+    SOURCE_NOT_FOUND = 3  # model or dataset missing or unreadable (SourceNotFound)
+    OUTPUT_UNWRITABLE = 4  # destination unwritable or disk full (OutputUnwritable)
+    OUT_OF_MEMORY = 5  # CUDA/host out of memory inside the trainer (OutOfMemory)
+    INTERRUPTED = 6  # SIGTERM/SIGINT after a checkpoint was written: resumable (Interrupted)
+
+
+EXIT_REASONS = {
+    ExitCode.ERROR: "TrainerError",
+    ExitCode.BAD_CONFIG: "InvalidConfig",
+    ExitCode.SOURCE_NOT_FOUND: "SourceNotFound",
+    ExitCode.OUTPUT_UNWRITABLE: "OutputUnwritable",
+    ExitCode.OUT_OF_MEMORY: "OutOfMemory",
+    ExitCode.INTERRUPTED: "Interrupted",
+}
+
+# Output layout under the destination.
+CHECKPOINTS_DIR = "checkpoints"  # checkpoints/step-00000010/ ; complete ones hold COMPLETE_MARKER
+CHECKPOINT_PREFIX = "step-"
+COMPLETE_MARKER = "COMPLETE"
+FINAL_MODEL_DIR = "model"  # safetensors + tokenizer + config, verified by reloading
+SUMMARY_FILE = "summary.json"  # steps, tokens, wall time, tokens/s, peak memory, final loss
+
+# Trainer metrics (labels: namespace, finetunejob).
+METRIC_STEP = "kubesloth_train_step"
+METRIC_STEPS_PLANNED = "kubesloth_train_steps_total_planned"
+METRIC_EPOCH = "kubesloth_train_epoch"
+METRIC_LOSS = "kubesloth_train_loss"
+METRIC_LR = "kubesloth_train_learning_rate"
+METRIC_TOKENS = "kubesloth_train_tokens_total"
+METRIC_TOKENS_PER_SECOND = "kubesloth_train_tokens_per_second"
+METRIC_GPU_ALLOCATED = "kubesloth_gpu_memory_allocated_bytes"
+METRIC_GPU_RESERVED = "kubesloth_gpu_memory_reserved_bytes"
+METRIC_GPU_PEAK = "kubesloth_gpu_memory_peak_bytes"
+METRIC_GPU_DEVICE_USED = "kubesloth_gpu_device_memory_used_bytes"
+METRIC_GPU_DEVICE_PEAK = "kubesloth_gpu_device_memory_peak_bytes"
+METRIC_GPU_UTILIZATION = "kubesloth_gpu_utilization_ratio"
+METRIC_ETA = "kubesloth_train_eta_seconds"

@@ -109,7 +109,7 @@ SERVER_REJECTS = [
     ("resources.memory", "lots", "spec.resources.memory"),
     ("backoffLimit", -1, "spec.backoffLimit"),
     ("model.maxSeqLength", 4, "spec.model.maxSeqLength"),
-    ("tolerations", [{"operator": "Sometimes"}], "spec.tolerations[0].operator"),
+    ("tolerations", [{"operator": "Sometimes"}], "spec.tolerations.operator"),  # v1.20 drops the index
 ]
 
 
@@ -117,8 +117,10 @@ SERVER_REJECTS = [
 def test_server_rejects_invalid_finetunejob(kubectl, namespace, path, value, field):
     doc = _tiny("bad")
     _set(doc, path, value)
-    proc = kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
+    # --validate=false: kubectl's own client-side check would otherwise answer first; this proves the server.
+    proc = kubectl("apply", "--validate=false", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
     assert proc.returncode != 0, f"server accepted {path}={value!r}"
+    assert "FineTuneJob" in proc.stderr and "is invalid" in proc.stderr, proc.stderr
     assert field in proc.stderr, proc.stderr
     # Nothing half-created.
     assert kubectl("get", "ftj", "-n", namespace, "-o", "name").stdout.strip() == ""

@@ -124,3 +124,8 @@ def test_server_rejects_invalid_finetunejob(kubectl, namespace, path, value, fie
     assert field in proc.stderr, proc.stderr
     # Nothing half-created.
     assert kubectl("get", "ftj", "-n", namespace, "-o", "name").stdout.strip() == ""
+
+
+def test_api_reference_matches_the_types():
+    assert crd.DOCS_PATH.read_text() == crd.render_docs(), "docs/api.md drifted: run `kubesloth crd --write`"
+    assert "`spec.training.learningRate` | number | `2e-05` | > 0; < 1" in crd.render_docs()

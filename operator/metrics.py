@@ -1,0 +1,202 @@
+"""The operator's own Prometheus metrics, on their own port, from a private registry.
+
+Fleet: `kubesloth_finetunejobs{phase}` (every phase always present, 0 when empty), `kubesloth_reconcile_total{result}`,
+`kubesloth_reconcile_duration_seconds`, `kubesloth_job_failures_total{namespace,reason}`.
+Per job (labels `namespace`, `finetunejob`; only while the job is not finished — a Succeeded, Failed or deleted
+job's series disappear): `kubesloth_job_progress_ratio`, `kubesloth_job_step`, `kubesloth_job_tokens_per_second`,
+`kubesloth_job_peak_gpu_memory_bytes`, `kubesloth_job_eta_seconds`, `kubesloth_job_restarts`,
+`kubesloth_job_cost_dollars`.
+
+The per-job gauges are produced at scrape time from a dict of the jobs' latest status (a custom collector), so
+forgetting a job is one `del` and a series can never outlive its job. Labels are bounded: namespace and name of
+existing objects, a phase from the enum, a failure reason from the operator's own CamelCase reasons.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kubesloth.api.v1alpha1 import FINISHED_PHASES, Phase
+
+PORT_ENV = "KUBESLOTH_OPERATOR_METRICS_PORT"
+ADDR_ENV = "KUBESLOTH_OPERATOR_METRICS_ADDR"
+DEFAULT_PORT = 9401
+DEFAULT_ADDR = "0.0.0.0"
+RESULTS = ("success", "retry", "error")
+# A job first seen already Failed (operator restarted) counts as a new failure only if it failed this recently:
+# the previous operator process most likely counted older ones.
+FRESH_FAILURE_WINDOW = timedelta(minutes=10)
+_REASON = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,62}$")
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """(addr, port) from KUBESLOTH_OPERATOR_METRICS_ADDR/PORT; port 0 turns the endpoint off."""
+    env = os.environ if env is None else env
+    raw = env.get(PORT_ENV, str(DEFAULT_PORT))
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ValueError(f"{PORT_ENV}={raw!r}: must be an integer port 0-65535 (0 = metrics off)") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{PORT_ENV}={raw!r}: must be an integer port 0-65535 (0 = metrics off)")
+    return env.get(ADDR_ENV, DEFAULT_ADDR), port
+
+
+@dataclass
+class _Job:
+    phase: str | None
+    status: Mapping[str, Any]
+
+
+class _JobCollector(Collector):
+    def __init__(self, owner: "OperatorMetrics"):
+        self.owner = owner
+
+    def collect(self):
+        with self.owner._lock:
+            jobs = dict(self.owner._jobs)
+        by_phase = GaugeMetricFamily("kubesloth_finetunejobs", "FineTuneJobs by phase.", labels=["phase"])
+        counts = {phase.value: 0 for phase in Phase}
+        for job in jobs.values():
+            if job.phase in counts:
+                counts[job.phase] += 1
+        for phase, count in counts.items():
+            by_phase.add_metric([phase], count)
+        yield by_phase
+
+        labels = ["namespace", "finetunejob"]
+        families = {
+            "progress": GaugeMetricFamily("kubesloth_job_progress_ratio",
+                                          "Optimizer steps done / planned, 0 to 1.", labels=labels),
+            "step": GaugeMetricFamily("kubesloth_job_step", "Optimizer steps done.", labels=labels),
+            "tps": GaugeMetricFamily("kubesloth_job_tokens_per_second", "Recent training throughput.",
+                                     labels=labels),
+            "peak": GaugeMetricFamily("kubesloth_job_peak_gpu_memory_bytes",
+                                      "Peak GPU memory (NVML device peak, else torch reserved peak).",
+                                      labels=labels),
+            "eta": GaugeMetricFamily("kubesloth_job_eta_seconds", "Estimated seconds to completion.",
+                                     labels=labels),
+            "restarts": GaugeMetricFamily("kubesloth_job_restarts", "Trainer pod restarts and retries.",
+                                          labels=labels),
+            "cost": GaugeMetricFamily("kubesloth_job_cost_dollars", "GPU cost so far at the price table's rate.",
+                                      labels=labels),
+        }
+        for (namespace, name), job in sorted(jobs.items()):
+            if job.phase in FINISHED_PHASES:
+                continue
+            key = [namespace, name]
+            progress = job.status.get("progress") or {}
+            step, total = progress.get("step"), progress.get("totalSteps")
+            if step is not None:
+                families["step"].add_metric(key, step)
+                if total:
+                    families["progress"].add_metric(key, min(step / total, 1.0))
+            for family, field in (("tps", "tokensPerSecond"), ("peak", "peakGpuMemoryBytes"),
+                                  ("eta", "etaSeconds")):
+                if progress.get(field) is not None:
+                    families[family].add_metric(key, progress[field])
+            families["restarts"].add_metric(key, job.status.get("restarts") or 0)
+            dollars = (job.status.get("cost") or {}).get("dollars")
+            if dollars is not None:
+                families["cost"].add_metric(key, dollars)
+        yield from families.values()
+
+
+class OperatorMetrics:
+    """All operator metrics in one private registry (tests make their own; the operator uses `METRICS`)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._lock = threading.Lock()
+        self._jobs: dict[tuple[str, str], _Job] = {}
+        self.reconciles = Counter("kubesloth_reconcile", "Reconciles of FineTuneJobs by result "
+                                  "(success, retry = temporary error, error = permanent or unexpected).",
+                                  ["result"], registry=self.registry)
+        for result in RESULTS:
+            self.reconciles.labels(result)  # present at 0, so rate() and alerts see them from the start
+        self.reconcile_seconds = Histogram("kubesloth_reconcile_duration_seconds", "Time spent in one reconcile.",
+                                           buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
+                                           registry=self.registry)
+        self.failures = Counter("kubesloth_job_failures", "FineTuneJobs that ended Failed, by namespace and "
+                                "reason (OutOfMemory, BackoffLimitExceeded, ...).", ["namespace", "reason"],
+                                registry=self.registry)
+        self.registry.register(_JobCollector(self))
+
+    # --- reconciles -------------------------------------------------------------------------------------------
+    @contextmanager
+    def reconcile(self) -> Iterator[None]:
+        """Time a reconcile and count its result: kopf.TemporaryError -> retry, other exceptions -> error."""
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException as exc:
+            self.reconciles.labels(_result_of(exc)).inc()
+            raise
+        else:
+            self.reconciles.labels("success").inc()
+        finally:
+            self.reconcile_seconds.observe(time.perf_counter() - started)
+
+    # --- jobs -------------------------------------------------------------------------------------------------
+    def observe_job(self, namespace: str, name: str, status: Mapping[str, Any] | None,
+                    now: datetime | None = None) -> None:
+        """Record a job's latest status (wire form). Counts a failure when the job turns Failed."""
+        status = dict(status or {})
+        phase = status.get("phase")
+        key = (namespace, name)
+        with self._lock:
+            previous = self._jobs.get(key)
+            self._jobs[key] = _Job(phase, status)
+        if phase == Phase.Failed.value and (previous is None or previous.phase != Phase.Failed.value):
+            if previous is not None or _failed_recently(status, now or datetime.now(timezone.utc)):
+                self.failures.labels(namespace, _failure_reason(status)).inc()
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        """The job was deleted: drop all its series."""
+        with self._lock:
+            self._jobs.pop((namespace, name), None)
+
+    def serve(self, port: int, addr: str = DEFAULT_ADDR):
+        """Start the /metrics HTTP endpoint in a daemon thread; returns (server, thread)."""
+        return start_http_server(port, addr=addr, registry=self.registry)
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode("utf-8")
+
+
+def _result_of(exc: BaseException) -> str:
+    # Named by class so this module does not need kopf to import (tests, the image's metrics-only tools).
+    return "retry" if type(exc).__name__ == "TemporaryError" else "error"
+
+
+def _failure_reason(status: Mapping[str, Any]) -> str:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            reason = condition.get("reason") or ""
+            return reason if _REASON.match(reason) else "Unknown"
+    return "Unknown"
+
+
+def _failed_recently(status: Mapping[str, Any], now: datetime) -> bool:
+    completed = status.get("completionTime")
+    if not completed:
+        return True
+    try:
+        when = datetime.fromisoformat(completed.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return now - when <= FRESH_FAILURE_WINDOW
+
+
+METRICS = OperatorMetrics()

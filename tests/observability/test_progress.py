@@ -1,0 +1,143 @@
+"""status.progress and status.cost from the trainer's real Prometheus exposition text (no cluster)."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from prometheus_client import generate_latest
+
+from kubesloth.api import contract
+from kubesloth.api.v1alpha1 import Progress
+from kubesloth.operator import progress as prog
+
+from .helpers import trainer_like_registry
+
+NOW = datetime(2026, 11, 29, 2, 0, 0, tzinfo=timezone.utc)
+GPU_RUN = {
+    contract.METRIC_STEP: 120,
+    contract.METRIC_STEPS_PLANNED: 400,
+    contract.METRIC_EPOCH: 0.3,
+    contract.METRIC_LOSS: 1.2345678,
+    contract.METRIC_LR: 2e-5,
+    contract.METRIC_TOKENS: 491520,
+    contract.METRIC_TOKENS_PER_SECOND: 4096.25,
+    contract.METRIC_GPU_ALLOCATED: 20 * 2**30,
+    contract.METRIC_GPU_RESERVED: 30 * 2**30,
+    contract.METRIC_GPU_PEAK: 31 * 2**30,
+    contract.METRIC_GPU_DEVICE_USED: 33 * 2**30,
+    contract.METRIC_GPU_DEVICE_PEAK: 35862976512,  # 33.4Gi
+}
+
+
+def exposition(values: dict[str, float], namespace: str = "ml", name: str = "llama") -> str:
+    return generate_latest(trainer_like_registry(namespace, name, values)).decode()
+
+
+def test_progress_from_a_gpu_run_prefers_the_device_peak():
+    sample = prog.parse_trainer_metrics(exposition(GPU_RUN), namespace="ml", name="llama")
+    progress = prog.build_progress(sample, NOW)
+
+    assert progress["step"] == 120 and progress["totalSteps"] == 400 and progress["display"] == "120/400"
+    assert progress["epoch"] == 0.3 and progress["loss"] == pytest.approx(1.234568)
+    assert progress["tokensPerSecond"] == 4096.25
+    # NVML's device peak (sees paged optimizer states), not torch's 31Gi.
+    assert progress["peakGpuMemoryBytes"] == 35862976512 and progress["peakGpuMemory"] == "33.4Gi"
+    assert progress["updatedAt"] == "2026-11-29T02:00:00Z"
+    # The wire form is what the API type (and so the CRD schema) accepts.
+    Progress.model_validate(progress)
+
+
+def test_peak_falls_back_to_torch_when_there_is_no_nvml_and_to_nothing_on_cpu():
+    no_nvml = {k: v for k, v in GPU_RUN.items() if k != contract.METRIC_GPU_DEVICE_PEAK}
+    assert prog.parse_trainer_metrics(exposition(no_nvml)).peak_gpu_memory_bytes == 31 * 2**30
+    cpu = {**GPU_RUN, contract.METRIC_GPU_DEVICE_PEAK: 0, contract.METRIC_GPU_PEAK: 0,
+           contract.METRIC_GPU_RESERVED: 0}
+    progress = prog.build_progress(prog.parse_trainer_metrics(exposition(cpu)), NOW)
+    assert "peakGpuMemoryBytes" not in progress and "peakGpuMemory" not in progress
+
+
+def test_eta_from_the_trainer_or_from_the_step_rate_between_readings():
+    with_eta = prog.build_progress(prog.parse_trainer_metrics(exposition({**GPU_RUN, contract.METRIC_ETA: 321.0})),
+                                   NOW)
+    assert with_eta["etaSeconds"] == 321.0
+
+    sample = prog.parse_trainer_metrics(exposition(GPU_RUN))
+    assert "etaSeconds" not in prog.build_progress(sample, NOW)  # one reading: no rate yet
+    previous = {"step": 100, "updatedAt": prog.rfc3339(NOW - timedelta(seconds=40))}
+    # 20 steps in 40 s, 280 to go -> 560 s.
+    assert prog.build_progress(sample, NOW, previous)["etaSeconds"] == 560.0
+
+
+def test_samples_of_another_job_and_garbage_are_not_progress():
+    text = exposition(GPU_RUN, namespace="ml", name="other")
+    assert prog.parse_trainer_metrics(text, namespace="ml", name="llama").step is None
+    with pytest.raises(prog.ScrapeError):
+        prog.parse_trainer_metrics("<html>502 Bad Gateway</html>\n{{{")
+
+
+def test_before_the_first_step_progress_says_what_it_knows():
+    sample = prog.parse_trainer_metrics(exposition({contract.METRIC_STEP: 0, contract.METRIC_STEPS_PLANNED: 0}))
+    progress = prog.build_progress(sample, NOW)
+    assert progress["display"] == "0/?" and "totalSteps" not in progress
+
+
+@pytest.mark.parametrize("count,text", [(0, "0"), (1023, "1023"), (1536, "1.5Ki"), (80 * 2**30, "80.0Gi"),
+                                        (3 * 2**40, "3.0Ti")])
+def test_human_bytes(count, text):
+    assert prog.human_bytes(count) == text
+
+
+def test_cost_from_the_price_table_only_when_the_gpu_is_known():
+    table = {"NVIDIA-L40S": 1.2, "NVIDIA-H100-80GB-HBM3": 3.0}
+    price = prog.gpu_hourly_price(table, "nvidia-l40s")
+    assert price == 1.2
+    start = prog.rfc3339(NOW - timedelta(minutes=30))
+    cost = prog.build_cost(price, start, NOW, tokens_trained=1_200_000)
+    assert cost == {"gpuHourlyPrice": 1.2, "dollars": 0.6, "tokensPerDollar": 2_000_000.0}
+    assert prog.gpu_hourly_price(table, "Tesla-T4") is None
+    assert prog.build_cost(None, start, NOW, 1) is None
+
+
+def test_metrics_url_from_the_pod():
+    pod = {"status": {"podIP": "127.0.0.7"},
+           "spec": {"containers": [{"env": [{"name": contract.Env.METRICS_PORT.value, "value": "9555"}]}]}}
+    assert prog.metrics_url(pod) == "http://127.0.0.7:9555/metrics"
+    assert prog.metrics_url({"status": {"podIP": "10.1.2.3"}, "spec": {"containers": [{}]}}) == \
+        f"http://10.1.2.3:{contract.METRICS_PORT}/metrics"
+    assert prog.metrics_url({"status": {}}) is None
+    pod["spec"]["containers"][0]["env"][0]["value"] = "0"
+    assert prog.metrics_url(pod) is None
+
+
+def test_read_live_status_scrapes_a_real_http_endpoint():
+    body = exposition(GPU_RUN).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pod = {"status": {"podIP": "127.0.0.1"},
+               "spec": {"containers": [{"env": [{"name": contract.Env.METRICS_PORT.value,
+                                                 "value": str(server.server_address[1])}]}]}}
+        status = {"startTime": prog.rfc3339(NOW - timedelta(hours=2))}
+        patch = prog.read_live_status(pod, "ml", "llama", status, gpu_product="NVIDIA-L40S",
+                                      price_table={"NVIDIA-L40S": 1.0}, now=NOW)
+    finally:
+        server.shutdown()
+    assert patch["progress"]["display"] == "120/400"
+    assert patch["cost"]["dollars"] == 2.0 and patch["cost"]["tokensPerDollar"] == 245760.0
+
+    with pytest.raises(prog.ScrapeError):  # the server is gone
+        prog.read_live_status(pod, "ml", "llama", status)

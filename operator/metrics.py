@@ -1,15 +1,21 @@
 """The operator's own Prometheus metrics, on their own port, from a private registry.
 
 Fleet: `kubesloth_finetunejobs{phase}` (every phase always present, 0 when empty), `kubesloth_reconcile_total{result}`,
-`kubesloth_reconcile_duration_seconds`, `kubesloth_job_failures_total{namespace,reason}`.
-Per job (labels `namespace`, `finetunejob`; only while the job is not finished — a Succeeded, Failed or deleted
-job's series disappear): `kubesloth_job_progress_ratio`, `kubesloth_job_step`, `kubesloth_job_tokens_per_second`,
-`kubesloth_job_peak_gpu_memory_bytes`, `kubesloth_job_eta_seconds`, `kubesloth_job_restarts`,
-`kubesloth_job_cost_dollars`.
+`kubesloth_reconcile_duration_seconds`, `kubesloth_job_failures_total{namespace,reason}` (jobs that ended Failed),
+`kubesloth_trainer_failures_total{namespace,reason}` (every failed trainer attempt, retried or not).
+Per job (labels `namespace`, `finetunejob`), only while the job is not finished — a Succeeded, Failed or deleted
+job's series disappear: `kubesloth_job_restarts`, `kubesloth_job_cost_dollars`,
+`kubesloth_job_gpu_memory_capacity_bytes`; and only while it is Running: `kubesloth_job_progress_ratio`,
+`kubesloth_job_step`, `kubesloth_job_tokens_per_second`, `kubesloth_job_peak_gpu_memory_bytes`,
+`kubesloth_job_eta_seconds` (so a suspended job never looks stalled).
 
 The per-job gauges are produced at scrape time from a dict of the jobs' latest status (a custom collector), so
-forgetting a job is one `del` and a series can never outlive its job. Labels are bounded: namespace and name of
-existing objects, a phase from the enum, a failure reason from the operator's own CamelCase reasons.
+forgetting a job is one `del` and a series can never outlive its job; a job no reconcile has seen for
+`stale_after_seconds` (deleted while no event reached us) is dropped too. Labels are bounded: namespace and name
+of existing objects, a phase from the enum, a failure reason from the operator's own CamelCase reasons.
+
+Wiring: `observe_reconcile` is the Reconciler's observer hook; `serve_from_env` (or `METRICS.serve(port)`) starts
+the endpoint; `KUBESLOTH_OPERATOR_PROMETHEUS_PORT` / `_ADDR` choose where (port 0 = off).
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ import os
 import re
 import threading
 import time
-from contextlib import contextmanager
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -29,11 +35,14 @@ from prometheus_client.registry import Collector
 
 from kubesloth.api.v1alpha1 import FINISHED_PHASES, Phase
 
-PORT_ENV = "KUBESLOTH_OPERATOR_METRICS_PORT"
-ADDR_ENV = "KUBESLOTH_OPERATOR_METRICS_ADDR"
-DEFAULT_PORT = 9401
+# Not KUBESLOTH_OPERATOR_METRICS_PORT: operator/settings.py uses that for the trainer pods' metrics port.
+PORT_ENV = "KUBESLOTH_OPERATOR_PROMETHEUS_PORT"
+ADDR_ENV = "KUBESLOTH_OPERATOR_PROMETHEUS_ADDR"
+DEFAULT_PORT = 9090
 DEFAULT_ADDR = "0.0.0.0"
-RESULTS = ("success", "retry", "error")
+# The Reconciler's outcomes: ok, requeue (must run again soon), error (raised), gone (the object was deleted).
+RESULTS = ("ok", "requeue", "error", "gone")
+STALE_AFTER_SECONDS = 300.0
 # A job first seen already Failed (operator restarted) counts as a new failure only if it failed this recently:
 # the previous operator process most likely counted older ones.
 FRESH_FAILURE_WINDOW = timedelta(minutes=10)
@@ -57,6 +66,8 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> tuple[str, int]:
 class _Job:
     phase: str | None
     status: Mapping[str, Any]
+    spec: Mapping[str, Any]
+    seen: float  # time.monotonic() of the last observation
 
 
 class _JobCollector(Collector):
@@ -64,8 +75,7 @@ class _JobCollector(Collector):
         self.owner = owner
 
     def collect(self):
-        with self.owner._lock:
-            jobs = dict(self.owner._jobs)
+        jobs = self.owner._live_jobs()
         by_phase = GaugeMetricFamily("kubesloth_finetunejobs", "FineTuneJobs by phase.", labels=["phase"])
         counts = {phase.value: 0 for phase in Phase}
         for job in jobs.values():
@@ -91,11 +101,23 @@ class _JobCollector(Collector):
                                           labels=labels),
             "cost": GaugeMetricFamily("kubesloth_job_cost_dollars", "GPU cost so far at the price table's rate.",
                                       labels=labels),
+            "capacity": GaugeMetricFamily("kubesloth_job_gpu_memory_capacity_bytes",
+                                          "GPU memory the job must fit into (spec.resources.gpuMemoryGiB).",
+                                          labels=labels),
         }
         for (namespace, name), job in sorted(jobs.items()):
             if job.phase in FINISHED_PHASES:
                 continue
             key = [namespace, name]
+            families["restarts"].add_metric(key, job.status.get("restarts") or 0)
+            dollars = (job.status.get("cost") or {}).get("dollars")
+            if dollars is not None:
+                families["cost"].add_metric(key, dollars)
+            gib = (job.spec.get("resources") or {}).get("gpuMemoryGiB")
+            if gib:
+                families["capacity"].add_metric(key, float(gib) * 2**30)
+            if job.phase != Phase.Running.value:
+                continue
             progress = job.status.get("progress") or {}
             step, total = progress.get("step"), progress.get("totalSteps")
             if step is not None:
@@ -106,22 +128,22 @@ class _JobCollector(Collector):
                                   ("eta", "etaSeconds")):
                 if progress.get(field) is not None:
                     families[family].add_metric(key, progress[field])
-            families["restarts"].add_metric(key, job.status.get("restarts") or 0)
-            dollars = (job.status.get("cost") or {}).get("dollars")
-            if dollars is not None:
-                families["cost"].add_metric(key, dollars)
         yield from families.values()
 
 
 class OperatorMetrics:
     """All operator metrics in one private registry (tests make their own; the operator uses `METRICS`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stale_after_seconds: float = STALE_AFTER_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.stale_after_seconds = stale_after_seconds
+        self.clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, str], _Job] = {}
-        self.reconciles = Counter("kubesloth_reconcile", "Reconciles of FineTuneJobs by result "
-                                  "(success, retry = temporary error, error = permanent or unexpected).",
+        self._failed_pods: OrderedDict[str, None] = OrderedDict()  # uids already counted (bounded)
+        self.reconciles = Counter("kubesloth_reconcile", "Reconciles of FineTuneJobs by result (ok, requeue = "
+                                  "must run again soon, error = raised, gone = the object was deleted).",
                                   ["result"], registry=self.registry)
         for result in RESULTS:
             self.reconciles.labels(result)  # present at 0, so rate() and alerts see them from the start
@@ -129,43 +151,65 @@ class OperatorMetrics:
                                            buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
                                            registry=self.registry)
         self.failures = Counter("kubesloth_job_failures", "FineTuneJobs that ended Failed, by namespace and "
-                                "reason (OutOfMemory, BackoffLimitExceeded, ...).", ["namespace", "reason"],
-                                registry=self.registry)
+                                "reason (OutOfMemory, BackoffLimitExceeded, DeadlineExceeded, ...).",
+                                ["namespace", "reason"], registry=self.registry)
+        self.trainer_failures = Counter("kubesloth_trainer_failures", "Failed trainer attempts (pods), retried or "
+                                        "not, by namespace and reason (OutOfMemory, TrainerError, ...).",
+                                        ["namespace", "reason"], registry=self.registry)
         self.registry.register(_JobCollector(self))
 
     # --- reconciles -------------------------------------------------------------------------------------------
-    @contextmanager
-    def reconcile(self) -> Iterator[None]:
-        """Time a reconcile and count its result: kopf.TemporaryError -> retry, other exceptions -> error."""
-        started = time.perf_counter()
-        try:
-            yield
-        except BaseException as exc:
-            self.reconciles.labels(_result_of(exc)).inc()
-            raise
-        else:
-            self.reconciles.labels("success").inc()
-        finally:
-            self.reconcile_seconds.observe(time.perf_counter() - started)
+    def observe_reconcile(self, namespace: str | None, name: str | None, status: Mapping[str, Any] | None,
+                          spec: Mapping[str, Any] | None, result: str, seconds: float) -> None:
+        """One reconcile's result and duration, and the job's status as it wrote it."""
+        self.reconciles.labels(result if result in RESULTS else "error").inc()
+        self.reconcile_seconds.observe(seconds)
+        if namespace and name:
+            if result == "gone":
+                self.forget_job(namespace, name)
+            elif status:
+                self.observe_job(namespace, name, status, spec)
 
     # --- jobs -------------------------------------------------------------------------------------------------
     def observe_job(self, namespace: str, name: str, status: Mapping[str, Any] | None,
-                    now: datetime | None = None) -> None:
+                    spec: Mapping[str, Any] | None = None, now: datetime | None = None) -> None:
         """Record a job's latest status (wire form). Counts a failure when the job turns Failed."""
         status = dict(status or {})
         phase = status.get("phase")
         key = (namespace, name)
         with self._lock:
             previous = self._jobs.get(key)
-            self._jobs[key] = _Job(phase, status)
+            self._jobs[key] = _Job(phase, status, dict(spec or {}), self.clock())
         if phase == Phase.Failed.value and (previous is None or previous.phase != Phase.Failed.value):
             if previous is not None or _failed_recently(status, now or datetime.now(timezone.utc)):
                 self.failures.labels(namespace, _failure_reason(status)).inc()
+
+    def observe_failed_pods(self, namespace: str, failures: list[tuple[str, str, str | None]],
+                            now: datetime | None = None) -> None:
+        """Count each failed trainer pod once: (uid, reason, finishedAt). After an operator restart, pods that
+        failed longer ago than FRESH_FAILURE_WINDOW are taken as already counted."""
+        now = now or datetime.now(timezone.utc)
+        for uid, reason, finished_at in failures:
+            with self._lock:
+                if uid in self._failed_pods:
+                    continue
+                self._failed_pods[uid] = None
+                while len(self._failed_pods) > 10_000:
+                    self._failed_pods.popitem(last=False)
+            if _recent(finished_at, now):
+                self.trainer_failures.labels(namespace, reason if _REASON.match(reason or "") else "Unknown").inc()
 
     def forget_job(self, namespace: str, name: str) -> None:
         """The job was deleted: drop all its series."""
         with self._lock:
             self._jobs.pop((namespace, name), None)
+
+    def _live_jobs(self) -> dict[tuple[str, str], _Job]:
+        cutoff = self.clock() - self.stale_after_seconds
+        with self._lock:
+            for key in [key for key, job in self._jobs.items() if job.seen < cutoff]:
+                del self._jobs[key]
+            return dict(self._jobs)
 
     def serve(self, port: int, addr: str = DEFAULT_ADDR):
         """Start the /metrics HTTP endpoint in a daemon thread; returns (server, thread)."""
@@ -173,11 +217,6 @@ class OperatorMetrics:
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode("utf-8")
-
-
-def _result_of(exc: BaseException) -> str:
-    # Named by class so this module does not need kopf to import (tests, the image's metrics-only tools).
-    return "retry" if type(exc).__name__ == "TemporaryError" else "error"
 
 
 def _failure_reason(status: Mapping[str, Any]) -> str:
@@ -189,14 +228,35 @@ def _failure_reason(status: Mapping[str, Any]) -> str:
 
 
 def _failed_recently(status: Mapping[str, Any], now: datetime) -> bool:
-    completed = status.get("completionTime")
-    if not completed:
+    return _recent(status.get("completionTime"), now)
+
+
+def _recent(moment: str | None, now: datetime) -> bool:
+    if not moment:
         return True
     try:
-        when = datetime.fromisoformat(completed.replace("Z", "+00:00"))
+        when = datetime.fromisoformat(moment.replace("Z", "+00:00"))
     except ValueError:
         return False
     return now - when <= FRESH_FAILURE_WINDOW
 
 
 METRICS = OperatorMetrics()
+
+
+def observe_reconcile(ftj: Mapping[str, Any], status: Mapping[str, Any] | None, result: str,
+                      seconds: float) -> None:
+    """The Reconciler's observer hook (operator/reconcile.py): feeds METRICS."""
+    meta = (ftj or {}).get("metadata") or {}
+    METRICS.observe_reconcile(meta.get("namespace"), meta.get("name"), status, (ftj or {}).get("spec"),
+                              result, seconds)
+
+
+def serve_from_env(env: Mapping[str, str] | None = None, port: int | None = None):
+    """Start METRICS' endpoint where KUBESLOTH_OPERATOR_PROMETHEUS_ADDR/PORT say (`port` overrides, e.g. from a
+    --metrics-port flag); None when the port is 0."""
+    addr, env_port = settings_from_env(env)
+    port = env_port if port is None else port
+    if port == 0:
+        return None
+    return METRICS.serve(port, addr)

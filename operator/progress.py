@@ -11,7 +11,10 @@ Metric names come from `kubesloth.api.contract`; nothing here hard-codes them.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,10 +24,17 @@ from typing import Any, Mapping, Optional
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubesloth.api import contract
+from kubesloth.api.v1alpha1 import Phase
+
+log = logging.getLogger("kubesloth.operator.progress")
 
 # How often the operator should read a running job's metrics; status.progress must never be older than 30 s.
 POLL_INTERVAL_SECONDS = 10.0
-SCRAPE_TIMEOUT_SECONDS = 3.0
+SCRAPE_TIMEOUT_SECONDS = 2.0  # inside the job's reconcile: a hung pod must not hold it long
+# The chart's price table (configmap gpu-prices.json) and its fallback price; 0 = cost not reported.
+PRICES_ENV = "KUBESLOTH_GPU_PRICES"
+DEFAULT_PRICE_ENV = "KUBESLOTH_DEFAULT_GPU_HOURLY_PRICE"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 LABEL_NAMESPACE = "namespace"
 LABEL_FINETUNEJOB = "finetunejob"
 
@@ -160,18 +170,53 @@ def _eta_from_rate(step: int, total: int, now: datetime, previous: Mapping[str, 
     return (total - step) * elapsed / done
 
 
-def gpu_hourly_price(price_table: Mapping[str, float] | None, gpu_product: str | None) -> Optional[float]:
-    """$/hour for a GPU product (node label nvidia.com/gpu.product), case-insensitive; None when unknown."""
-    if not price_table or not gpu_product:
-        return None
-    by_name = {str(key).lower(): value for key, value in price_table.items()}
-    price = by_name.get(gpu_product.lower())
-    return None if price is None else float(price)
+def gpu_hourly_price(price_table: Mapping[str, float] | None, gpu_product: str | None,
+                     default: float | None = None) -> Optional[float]:
+    """$/hour for a GPU product (node label nvidia.com/gpu.product), case-insensitive; else `default`; None (not
+    0) when unknown, so no made-up cost is reported."""
+    by_name = {str(key).lower(): value for key, value in (price_table or {}).items()}
+    price = by_name.get(gpu_product.lower()) if gpu_product else None
+    if price is None:
+        price = default
+    return float(price) if price else None
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    prices: Mapping[str, float] = field(default_factory=dict)
+    default: float = 0.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "PriceTable":
+        """KUBESLOTH_GPU_PRICES (a JSON object: product -> $/GPU-hour) and KUBESLOTH_DEFAULT_GPU_HOURLY_PRICE."""
+        env = os.environ if env is None else env
+        raw = env.get(PRICES_ENV) or "{}"
+        try:
+            prices = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{PRICES_ENV}: not valid JSON ({exc}); expected an object like "
+                             '{"NVIDIA-L40S": 1.03}') from None
+        if not isinstance(prices, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in prices.values()):
+            raise ValueError(f"{PRICES_ENV}: expected a JSON object of GPU product -> dollars per hour (>= 0), "
+                             'like {"NVIDIA-L40S": 1.03}')
+        raw_default = env.get(DEFAULT_PRICE_ENV) or "0"
+        try:
+            default = float(raw_default)
+        except ValueError:
+            raise ValueError(f"{DEFAULT_PRICE_ENV}={raw_default!r}: expected dollars per hour (>= 0)") from None
+        if default < 0 or math.isnan(default):
+            raise ValueError(f"{DEFAULT_PRICE_ENV}={raw_default!r}: expected dollars per hour (>= 0)")
+        return cls({str(k): float(v) for k, v in prices.items()}, default)
+
+    def price(self, gpu_product: str | None) -> Optional[float]:
+        return gpu_hourly_price(self.prices, gpu_product, self.default)
 
 
 def build_cost(hourly_price: float | None, start_time: str | None, now: datetime,
                tokens_trained: float | None) -> Optional[dict[str, Any]]:
-    """status.cost: GPU time since the trainer first started, at the table's price; None when the price is unknown."""
+    """status.cost: GPU time from the trainer's first start to `now` (or the completion time), at the table's
+    price; None when the price is unknown."""
     started = parse_time(start_time)
     if hourly_price is None or started is None:
         return None
@@ -224,3 +269,98 @@ def read_live_status(pod: Mapping[str, Any], namespace: str, name: str, status: 
     if cost is not None:
         patch["cost"] = cost
     return patch
+
+
+# --- the Reconciler's enricher hook -------------------------------------------------------------------------------
+PRICES: PriceTable | None = None
+
+
+def _prices() -> PriceTable:
+    global PRICES
+    if PRICES is None:
+        try:
+            PRICES = PriceTable.from_env()
+        except ValueError as exc:  # a bad table must not stop progress: say so once, report no cost
+            log.error("%s; cost is not reported", exc)
+            PRICES = PriceTable()
+    return PRICES
+
+
+def gpu_product_of(spec: Mapping[str, Any], pod: Mapping[str, Any] | None) -> Optional[str]:
+    """The GPU the job runs on: spec.resources.gpuProduct, else the pod's nodeSelector on the GPU label."""
+    product = (spec.get("resources") or {}).get("gpuProduct")
+    if not product and pod is not None:
+        product = ((pod.get("spec") or {}).get("nodeSelector") or {}).get(GPU_PRODUCT_LABEL)
+    return product
+
+
+def _running_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    return max(running, key=lambda p: p["metadata"].get("creationTimestamp") or "") if running else None
+
+
+def _failed_pods(pods: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
+    from . import status as status_mod  # the operator's own classification of a failed pod (OOMKilled, exit codes)
+
+    failures = []
+    for pod in pods:
+        failure = status_mod.pod_failure(pod) if (pod.get("status") or {}).get("phase") == "Failed" else None
+        if failure:
+            states = (pod.get("status") or {}).get("containerStatuses") or [{}]
+            finished = ((states[0].get("state") or {}).get("terminated") or {}).get("finishedAt")
+            failures.append((pod["metadata"].get("uid") or pod["metadata"]["name"], failure[0], finished))
+    return failures
+
+
+def enrich_status(ftj: dict[str, Any], job: Optional[dict[str, Any]], pods: list[dict[str, Any]],
+                  status: dict[str, Any], now: datetime | None = None,
+                  prices: PriceTable | None = None) -> dict[str, Any]:
+    """The Reconciler's enricher (operator/reconcile.py calls it on every reconcile, at least every
+    `resync_seconds`): adds status.progress read from the running trainer, and status.cost.
+
+    Running: scrape the pod; a pod that does not answer yet (model loading) keeps the previous progress.
+    Succeeded: the last progress is closed (step = totalSteps, ETA 0), cost computed to the completion time.
+    """
+    from . import metrics  # failed attempts are counted here, where the pods are at hand
+
+    now = now or datetime.now(timezone.utc)
+    prices = prices or _prices()
+    meta, spec = ftj.get("metadata") or {}, ftj.get("spec") or {}
+    namespace, name = meta.get("namespace"), meta.get("name")
+    old = ftj.get("status") or {}
+    merged = {**old, **status}
+    phase = status.get("phase")
+    failures = _failed_pods(pods)
+    if failures:
+        metrics.METRICS.observe_failed_pods(namespace, failures, now)
+    pod = _running_pod(pods)
+    price = prices.price(gpu_product_of(spec, pod or (pods[-1] if pods else None)))
+
+    if phase == Phase.Running.value and pod is not None:
+        try:
+            sample = parse_trainer_metrics(scrape(metrics_url(pod) or _no_url()), namespace=namespace, name=name)
+        except ScrapeError as exc:
+            log.debug("progress of %s/%s not readable yet: %s", namespace, name, exc)
+        else:
+            status["progress"] = build_progress(sample, now, old.get("progress"))
+            cost = build_cost(price, merged.get("startTime"), now, sample.get(contract.METRIC_TOKENS))
+            if cost is not None:
+                status["cost"] = cost
+    elif phase == Phase.Succeeded.value and old.get("phase") != Phase.Succeeded.value:
+        progress = dict(old.get("progress") or {})
+        if progress.get("totalSteps"):
+            progress.update(step=progress["totalSteps"], display=f"{progress['totalSteps']}/{progress['totalSteps']}",
+                            etaSeconds=0.0, updatedAt=rfc3339(now))
+            status["progress"] = progress
+    if phase in (Phase.Succeeded.value, Phase.Failed.value) and old.get("phase") != phase:
+        end = parse_time(status.get("completionTime")) or now
+        previous = old.get("cost") or {}
+        tokens = (previous.get("tokensPerDollar") or 0) * (previous.get("dollars") or 0)
+        cost = build_cost(price, merged.get("startTime"), end, tokens or None)
+        if cost is not None:
+            status["cost"] = cost
+    return status
+
+
+def _no_url() -> str:
+    raise ScrapeError("the trainer pod has no IP yet or its metrics are off")

@@ -94,21 +94,48 @@ def test_failures_are_counted_once_by_reason():
     assert samples(restarted)[key] == 1
 
 
-def test_reconcile_results_and_latency():
-    class TemporaryError(Exception):  # stands in for kopf.TemporaryError: classified by class name
-        pass
-
+def test_reconcile_observer_counts_results_and_forgets_gone_jobs():
     metrics = m.OperatorMetrics()
-    with metrics.reconcile():
-        pass
-    with pytest.raises(TemporaryError), metrics.reconcile():
-        raise TemporaryError("pod not there yet")
-    with pytest.raises(KeyError), metrics.reconcile():
-        raise KeyError("bug")
+    ftj = {"metadata": {"namespace": "ml", "name": "llama"}, "spec": {"resources": {"gpuMemoryGiB": 48}}}
+    metrics.observe_reconcile("ml", "llama", RUNNING, ftj["spec"], "ok", 0.02)
+    metrics.observe_reconcile("ml", "llama", RUNNING, ftj["spec"], "requeue", 0.03)
+    metrics.observe_reconcile(None, None, None, None, "error", 0.5)
+    assert job_series(metrics, "ml", "llama")["kubesloth_job_gpu_memory_capacity_bytes"] == 48 * 2**30
+    metrics.observe_reconcile("ml", "llama", None, None, "gone", 0.01)
     values = samples(metrics)
-    for result in ("success", "retry", "error"):
-        assert values[("kubesloth_reconcile_total", frozenset({("result", result)}))] == 1
-    assert values[("kubesloth_reconcile_duration_seconds_count", frozenset())] == 3
+    for result, count in (("ok", 1), ("requeue", 1), ("error", 1), ("gone", 1)):
+        assert values[("kubesloth_reconcile_total", frozenset({("result", result)}))] == count
+    assert values[("kubesloth_reconcile_duration_seconds_count", frozenset())] == 4
+    assert job_series(metrics, "ml", "llama") == {}
+
+
+def test_progress_gauges_only_while_running_so_a_suspended_job_never_looks_stalled():
+    metrics = m.OperatorMetrics()
+    metrics.observe_job("ml", "llama", {**RUNNING, "phase": "Suspended"})
+    assert set(job_series(metrics, "ml", "llama")) == {"kubesloth_job_restarts", "kubesloth_job_cost_dollars"}
+
+
+def test_a_job_no_reconcile_has_seen_for_a_while_is_dropped():
+    clock = [1000.0]
+    metrics = m.OperatorMetrics(stale_after_seconds=60, clock=lambda: clock[0])
+    metrics.observe_job("ml", "llama", RUNNING)
+    clock[0] += 59
+    assert job_series(metrics, "ml", "llama")
+    clock[0] += 2
+    assert job_series(metrics, "ml", "llama") == {}
+
+
+def test_each_failed_trainer_pod_is_counted_once():
+    metrics = m.OperatorMetrics()
+    now = datetime(2026, 11, 29, 2, 0, tzinfo=timezone.utc)
+    fresh, old = now.isoformat(), (now - timedelta(hours=1)).isoformat()
+    metrics.observe_failed_pods("ml", [("uid-1", "OutOfMemory", fresh), ("uid-0", "OutOfMemory", old)], now)
+    metrics.observe_failed_pods("ml", [("uid-1", "OutOfMemory", fresh), ("uid-2", "TrainerError", fresh)], now)
+    values = samples(metrics)
+    assert values[("kubesloth_trainer_failures_total",
+                   frozenset({("namespace", "ml"), ("reason", "OutOfMemory")}))] == 1
+    assert values[("kubesloth_trainer_failures_total",
+                   frozenset({("namespace", "ml"), ("reason", "TrainerError")}))] == 1
 
 
 def test_settings_from_env_rejects_a_bad_port_naming_the_variable():
@@ -124,8 +151,8 @@ def test_served_endpoint_passes_promtool_check_metrics(promtool):
     metrics.observe_job("ml", "llama", RUNNING)
     metrics.observe_job("ml", "done", {"phase": "Failed", "conditions": [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]})
-    with metrics.reconcile():
-        pass
+    metrics.observe_reconcile("ml", "llama", RUNNING, {}, "ok", 0.01)
+    metrics.observe_failed_pods("ml", [("uid", "OutOfMemory", None)])
     port = free_port()
     server, _thread = metrics.serve(port, addr="127.0.0.1")
     try:

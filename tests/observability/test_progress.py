@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 
 from kubesloth.api import contract
 from kubesloth.api.v1alpha1 import Progress
+from kubesloth.local.cluster import free_port
 from kubesloth.operator import progress as prog
 
 from .helpers import trainer_like_registry
@@ -112,7 +113,9 @@ def test_metrics_url_from_the_pod():
     assert prog.metrics_url(pod) is None
 
 
-def test_read_live_status_scrapes_a_real_http_endpoint():
+@pytest.fixture
+def trainer_endpoint():
+    """A real HTTP server answering /metrics with a trainer registry's exposition; yields a pod pointing at it."""
     body = exposition(GPU_RUN).encode()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -127,17 +130,86 @@ def test_read_live_status_scrapes_a_real_http_endpoint():
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        pod = {"status": {"podIP": "127.0.0.1"},
-               "spec": {"containers": [{"env": [{"name": contract.Env.METRICS_PORT.value,
-                                                 "value": str(server.server_address[1])}]}]}}
-        status = {"startTime": prog.rfc3339(NOW - timedelta(hours=2))}
-        patch = prog.read_live_status(pod, "ml", "llama", status, gpu_product="NVIDIA-L40S",
-                                      price_table={"NVIDIA-L40S": 1.0}, now=NOW)
-    finally:
-        server.shutdown()
+    yield {"metadata": {"name": "llama-abcde", "uid": "u1", "creationTimestamp": "2026-11-29T01:00:00Z"},
+           "status": {"phase": "Running", "podIP": "127.0.0.1"},
+           "spec": {"containers": [{"env": [{"name": contract.Env.METRICS_PORT.value,
+                                             "value": str(server.server_address[1])}]}]}}
+    server.shutdown()
+
+
+def test_read_live_status_scrapes_a_real_http_endpoint(trainer_endpoint):
+    pod = trainer_endpoint
+    status = {"startTime": prog.rfc3339(NOW - timedelta(hours=2))}
+    patch = prog.read_live_status(pod, "ml", "llama", status, gpu_product="NVIDIA-L40S",
+                                  price_table={"NVIDIA-L40S": 1.0}, now=NOW)
     assert patch["progress"]["display"] == "120/400"
     assert patch["cost"]["dollars"] == 2.0 and patch["cost"]["tokensPerDollar"] == 245760.0
 
-    with pytest.raises(prog.ScrapeError):  # the server is gone
-        prog.read_live_status(pod, "ml", "llama", status)
+
+def test_an_unreachable_trainer_is_a_scrape_error():
+    pod = {"status": {"podIP": "127.0.0.1"},
+           "spec": {"containers": [{"env": [{"name": contract.Env.METRICS_PORT.value, "value": str(free_port())}]}]}}
+    with pytest.raises(prog.ScrapeError):
+        prog.read_live_status(pod, "ml", "llama", {})
+
+
+FTJ = {"metadata": {"namespace": "ml", "name": "llama"},
+       "spec": {"resources": {"gpuProduct": "NVIDIA-L40S"}},
+       "status": {"phase": "Running", "startTime": "2026-11-29T01:00:00Z",
+                  "progress": {"step": 100, "updatedAt": "2026-11-29T01:59:20Z"}}}
+
+
+def test_enricher_adds_progress_and_cost_of_a_running_job(trainer_endpoint):
+    prices = prog.PriceTable.from_env({prog.PRICES_ENV: '{"NVIDIA-L40S": 1.5}'})
+    status = prog.enrich_status(FTJ, None, [trainer_endpoint], {"phase": "Running"}, now=NOW, prices=prices)
+    assert status["progress"]["display"] == "120/400" and status["progress"]["peakGpuMemory"] == "33.4Gi"
+    assert status["progress"]["etaSeconds"] == 560.0  # from the trainer-less rate: 20 steps in 40 s
+    assert status["cost"]["gpuHourlyPrice"] == 1.5 and status["cost"]["dollars"] == 1.5
+
+
+def test_enricher_keeps_old_progress_while_the_trainer_does_not_answer(trainer_endpoint):
+    pod = {**trainer_endpoint, "status": {"phase": "Running"}}  # no pod IP yet
+    status = prog.enrich_status(FTJ, None, [pod], {"phase": "Running"}, now=NOW, prices=prog.PriceTable())
+    assert "progress" not in status and "cost" not in status  # the merge patch leaves the old values
+
+
+def test_enricher_closes_progress_and_cost_when_the_job_succeeds():
+    ftj = {**FTJ, "status": {**FTJ["status"], "progress": {"step": 29, "totalSteps": 30, "etaSeconds": 4.0},
+                             "cost": {"dollars": 0.5, "tokensPerDollar": 1000.0}}}
+    succeeded = {"phase": "Succeeded", "completionTime": "2026-11-29T02:00:00Z"}
+    status = prog.enrich_status(ftj, None, [], succeeded, now=NOW + timedelta(hours=1),
+                                prices=prog.PriceTable({"NVIDIA-L40S": 2.0}))
+    assert status["progress"]["display"] == "30/30" and status["progress"]["etaSeconds"] == 0.0
+    # One hour from start to completion (not to `now`), at $2/h; tokens carried over (500 tokens).
+    assert status["cost"] == {"gpuHourlyPrice": 2.0, "dollars": 2.0, "tokensPerDollar": 250.0}
+
+
+def test_enricher_counts_failed_trainer_pods():
+    from kubesloth.operator import metrics
+
+    oom_pod = {"metadata": {"name": "llama-x", "uid": f"uid-{NOW.timestamp()}"},
+               "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+                   "exitCode": 137, "reason": "OOMKilled", "finishedAt": prog.rfc3339(datetime.now(timezone.utc))}}}]}}
+    key = ("kubesloth_trainer_failures_total", (("namespace", "oom-ns"), ("reason", "OutOfMemory")))
+
+    def count():
+        for family in metrics.METRICS.registry.collect():
+            for sample in family.samples:
+                if (sample.name, tuple(sorted(sample.labels.items()))) == key:
+                    return sample.value
+        return 0
+
+    ftj = {**FTJ, "metadata": {"namespace": "oom-ns", "name": "llama"}}
+    prog.enrich_status(ftj, None, [oom_pod], {"phase": "Pending"}, prices=prog.PriceTable())
+    prog.enrich_status(ftj, None, [oom_pod], {"phase": "Pending"}, prices=prog.PriceTable())
+    assert count() == 1
+
+
+def test_price_table_from_env_names_the_bad_variable():
+    table = prog.PriceTable.from_env({prog.PRICES_ENV: '{"NVIDIA-L4": 0.48}', prog.DEFAULT_PRICE_ENV: "0.2"})
+    assert table.price("nvidia-l4") == 0.48 and table.price("Tesla-T4") == 0.2 and table.price(None) == 0.2
+    assert prog.PriceTable.from_env({}).price("NVIDIA-L4") is None  # nothing configured: no cost, not $0
+    with pytest.raises(ValueError, match=prog.PRICES_ENV):
+        prog.PriceTable.from_env({prog.PRICES_ENV: "[1, 2]"})
+    with pytest.raises(ValueError, match=prog.DEFAULT_PRICE_ENV):
+        prog.PriceTable.from_env({prog.DEFAULT_PRICE_ENV: "cheap"})

@@ -1,0 +1,75 @@
+"""What an engine gets (RunContext), what it returns (TrainResult), and the protocol it implements.
+
+An engine owns the model, the optimizer and the step loop. Everything else it reuses: data (trainer.data),
+checkpoint layout and atomicity (trainer.checkpoints), callbacks/throughput (trainer.callbacks), memory readings
+(trainer.memory), the final save and its check (trainer.save, run by the recipe with engine.model/tokenizer).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+from kubesloth.api.v1alpha1 import FineTuneJob
+from kubesloth.trainer.callbacks import Callback
+from kubesloth.trainer.checkpoints import Checkpoint, CheckpointManager
+from kubesloth.trainer.memory import DeviceMonitor
+from kubesloth.trainer.profiles import Hyperparameters
+
+
+@dataclass
+class RunContext:
+    job: FineTuneJob
+    hp: Hyperparameters
+    model_path: Path
+    dataset_files: list[Path]
+    destination: Path
+    checkpoints: CheckpointManager
+    resume_from: Optional[Checkpoint]
+    callbacks: Callback
+    stop: threading.Event  # set by SIGTERM/SIGINT: checkpoint after the current step and return interrupted
+    monitor: DeviceMonitor
+    checkpoint_every: int
+    log: Any = print  # log(str): one line to the pod log
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done, resumed ones included
+    start_step: int
+    total_steps: int
+    epoch: float
+    tokens_total: int
+    tokens_trained: int  # by this process
+    final_loss: float
+    train_seconds: float
+    interrupted: bool
+    last_checkpoint: Optional[Checkpoint] = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Engine(Protocol):
+    name: str
+    model: Any  # after setup: the trained model (a transformers PreTrainedModel)
+    tokenizer: Any
+    probe_ids: list[int]  # a short real example for the save check
+
+    def setup(self, ctx: RunContext) -> None: ...
+
+    def train(self) -> TrainResult: ...
+
+
+def planned_steps(rows: int, hp: Hyperparameters) -> int:
+    """Optimizer steps the run will take (the same arithmetic as transformers' Trainer)."""
+    if hp.max_steps:
+        return hp.max_steps
+    batches = math.ceil(rows / hp.per_device_batch_size)
+    per_epoch = max(math.ceil(batches / hp.gradient_accumulation_steps), 1)
+    return hp.epochs * per_epoch
+
+
+def warmup_steps(total: int, ratio: float) -> int:
+    return math.ceil(total * ratio)

@@ -1,0 +1,165 @@
+"""`python -m kubesloth.trainer`: the code path every trainer pod runs.
+
+Order matters: the config, the engine choice, the destination and the sources are checked before torch is
+imported, so bad input exits with its code within a second or two; then setup -> train -> save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from kubesloth.api.contract import EXIT_REASONS, TERMINATION_LOG, Env, ExitCode
+from kubesloth.trainer.config import config_path, load_job
+from kubesloth.trainer.errors import BadConfig, Interrupted, OutOfMemory, OutputUnwritable, TrainerFailure
+
+MAX_MESSAGE_BYTES = 1000
+
+
+def log(line: str) -> None:
+    print(f"[trainer] {line}", flush=True)
+
+
+def clean_message(message: str) -> str:
+    """One line, under 1 KiB, never the token."""
+    token = os.environ.get(Env.HF_TOKEN.value)
+    if token:
+        message = message.replace(token, "***")
+    line = " ".join(message.split())
+    encoded = line.encode()
+    if len(encoded) > MAX_MESSAGE_BYTES:
+        line = encoded[:MAX_MESSAGE_BYTES - 3].decode(errors="ignore") + "..."
+    return line
+
+
+def write_termination_log(message: str) -> None:
+    path = Path(os.environ.get(Env.TERMINATION_LOG.value) or TERMINATION_LOG)
+    try:
+        path.write_text(message + "\n")
+    except OSError:
+        pass  # outside a pod (or a read-only path): the log line is enough
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower()
+                                              or "DefaultCPUAllocator: can't allocate memory" in text)
+
+
+def metrics_port_ok() -> None:
+    value = os.environ.get(Env.METRICS_PORT.value)
+    if value and not (value.isdigit() and 0 <= int(value) <= 65535):
+        raise BadConfig(f"{Env.METRICS_PORT.value}={value!r} is not a port number (0 turns metrics off)")
+
+
+def run(config: Optional[str], stop: threading.Event) -> str:
+    """Returns the success message; raises TrainerFailure (or anything) on failure."""
+    from kubesloth.trainer.engines import GPU_ONLY, choose_engine, requested_engine
+    from kubesloth.trainer.profiles import resolve_hyperparameters
+    from kubesloth.trainer.save import check_writable, weights_bytes
+    from kubesloth.trainer.sources import resolve_dataset, resolve_destination, resolve_model
+
+    path = config_path(config)
+    job = load_job(path)
+    spec = job.spec
+    log(f"config {path}: FineTuneJob {job.metadata.get('namespace', '-')}/{job.metadata.get('name', '-')}")
+    requested = requested_engine()
+    metrics_port_ok()
+    destination = resolve_destination(spec.output.destination)
+    check_writable(destination)
+    model_path = resolve_model(spec.model.source)
+    dataset_files = resolve_dataset(spec.dataset.source, spec.dataset.split)
+    check_writable(destination, need_bytes=weights_bytes(model_path))
+    log(f"model {model_path}; dataset {', '.join(map(str, dataset_files[:3]))}"
+        f"{' ...' if len(dataset_files) > 3 else ''}; output {destination}")
+    if stop.is_set():
+        raise Interrupted("stopped before training started; nothing new to checkpoint; resumable")
+
+    engine_name = choose_engine(requested)
+    hp = resolve_hyperparameters(spec, on_gpu=engine_name in GPU_ONLY)
+    for note in hp.notes:
+        log(note)
+    log(f"engine {engine_name}; profile {hp.profile}: batch {hp.per_device_batch_size} x accumulation "
+        f"{hp.gradient_accumulation_steps}, optimizer {hp.optimizer}, checkpointing {hp.gradient_checkpointing}, "
+        f"lr {hp.learning_rate:g} ({hp.lr_scheduler}, warm-up {hp.warmup_ratio:g}), "
+        f"maxSeqLength {hp.max_seq_length}, packing {hp.packing}")
+
+    from kubesloth.trainer.recipe import Recipe, leaner_suggestion
+
+    recipe = Recipe(job, hp, engine_name, model_path, dataset_files, destination, stop, log)
+    try:
+        try:
+            recipe.setup()
+            result = recipe.train()
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                step = recipe.run_state.step
+                raise OutOfMemory(f"out of memory at step {step + 1} ({type(exc).__name__}); "
+                                  f"{recipe.memory_peaks()}; {leaner_suggestion(hp)}") from exc
+            raise
+        if result.interrupted:
+            where = result.last_checkpoint.path if result.last_checkpoint else "none"
+            raise Interrupted(f"interrupted at step {result.step}/{result.total_steps}; checkpoint {where}; "
+                              f"resumable")
+        saved, summary = recipe.save(result)
+        rate = summary["tokens_per_second"]
+        return (f"trained {result.step}/{result.total_steps} steps ({result.tokens_total} tokens"
+                f"{f', {rate:.0f} tokens/s' if rate else ''}), final loss {result.final_loss:.4f}; "
+                f"model saved and verified in {saved.path}")
+    finally:
+        recipe.close()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubesloth.trainer",
+                                     description="Full fine-tuning of one FineTuneJob (the trainer pod).")
+    parser.add_argument("--config", help=f"FineTuneJob YAML (default: ${Env.CONFIG.value} or the pod mount)")
+    args = parser.parse_args(argv)
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if not stop.is_set():
+            log(f"{signal.Signals(signum).name}: finishing the current step, then checkpoint and exit")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    started = time.time()
+    try:
+        message = run(args.config, stop)
+        code = ExitCode.OK
+    except TrainerFailure as exc:
+        code, message = exc.exit_code, exc.message
+    except OSError as exc:
+        from kubesloth.trainer.save import is_output_error
+        if is_output_error(exc) and exc.filename:
+            code = ExitCode.OUTPUT_UNWRITABLE
+            message = OutputUnwritable(f"cannot write {exc.filename}: {exc.strerror}").message
+        else:
+            traceback.print_exc()
+            code, message = ExitCode.ERROR, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # anything unforeseen: the traceback goes to the log, one line to the operator
+        traceback.print_exc()
+        if is_out_of_memory(exc):
+            code, message = ExitCode.OUT_OF_MEMORY, f"out of memory: {exc}"
+        else:
+            code, message = ExitCode.ERROR, f"{type(exc).__name__}: {exc}"
+    message = clean_message(message)
+    reason = EXIT_REASONS.get(code, "Succeeded")
+    write_termination_log(message if code == ExitCode.OK else f"{reason}: {message}")
+    log(f"{'done' if code == ExitCode.OK else f'failed ({reason}, exit {int(code)})'} after "
+        f"{time.time() - started:.1f}s: {message}")
+    return int(code)

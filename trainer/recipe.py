@@ -1,0 +1,153 @@
+"""The run, torchtune-style: setup (checkpoints, metrics, engine) -> train -> save (verified) + summary."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from kubesloth.api.v1alpha1 import FineTuneJob
+from kubesloth.trainer.callbacks import Callback, CallbackList, ProgressLog, StartEvent, StepEvent
+from kubesloth.trainer.checkpoints import CheckpointManager
+from kubesloth.trainer.engines import create_engine
+from kubesloth.trainer.engines.base import RunContext, TrainResult
+from kubesloth.trainer.memory import DeviceMonitor, snapshot
+from kubesloth.trainer.metrics import TrainingMetrics, metrics_from_env
+from kubesloth.trainer.profiles import Hyperparameters
+from kubesloth.trainer.save import SavedModel, save_final_model, write_summary
+
+
+class RunState(Callback):
+    """What the error path needs to say where the run was (step, memory peaks)."""
+
+    def __init__(self):
+        self.step = 0
+        self.total_steps = 0
+        self.last_checkpoint: Optional[str] = None
+
+    def on_train_start(self, event: StartEvent):
+        self.step, self.total_steps = event.start_step, event.total_steps
+
+    def on_step(self, event: StepEvent):
+        self.step, self.total_steps = event.step, event.total_steps
+
+    def on_checkpoint(self, step, path):
+        self.step, self.last_checkpoint = max(self.step, step), path
+
+
+def leaner_suggestion(hp: Hyperparameters) -> str:
+    """What to change after an out-of-memory, most effective first."""
+    ideas = []
+    if hp.profile != "lean":
+        ideas.append("training.profile: lean (8-bit paged AdamW, offloaded checkpointing, batch 1 x 4)")
+    if hp.per_device_batch_size > 1:
+        ideas.append(f"training.perDeviceBatchSize: {max(hp.per_device_batch_size // 2, 1)} with "
+                     f"gradientAccumulationSteps: {hp.gradient_accumulation_steps * 2} (same effective batch)")
+    if hp.gradient_checkpointing == "false":
+        ideas.append('training.gradientCheckpointing: "unsloth"')
+    if hp.max_seq_length > 1024:
+        ideas.append(f"model.maxSeqLength: {hp.max_seq_length // 2}")
+    if not ideas:
+        ideas.append("a GPU with more memory (resources.gpuProduct / gpuMemoryGiB)")
+    return "try " + "; or ".join(ideas)
+
+
+class Recipe:
+    def __init__(self, job: FineTuneJob, hp: Hyperparameters, engine_name: str, model_path: Path,
+                 dataset_files: list[Path], destination: Path, stop: threading.Event,
+                 log: Callable[[str], None]):
+        self.job, self.hp, self.engine_name = job, hp, engine_name
+        self.model_path, self.dataset_files, self.destination = model_path, dataset_files, destination
+        self.stop, self.log = stop, log
+        self.run_state = RunState()
+        self.monitor: Optional[DeviceMonitor] = None
+        self.metrics: Optional[TrainingMetrics] = None
+        self.engine: Any = None
+        self.ctx: Optional[RunContext] = None
+        self.started = time.time()
+
+    def setup(self) -> None:
+        spec = self.job.spec
+        checkpoints = CheckpointManager(self.destination, spec.output.checkpoints_to_keep)
+        for path in checkpoints.remove_partial():
+            self.log(f"removed partial checkpoint {path} (no COMPLETE marker)")
+        resume_from = checkpoints.latest()
+        if resume_from:
+            self.log(f"resuming from {resume_from.path} (step {resume_from.step})")
+        self.monitor = DeviceMonitor().start()
+        meta = self.job.metadata or {}
+        self.metrics = metrics_from_env(meta.get("namespace", ""), meta.get("name", ""), self.monitor)
+        callbacks = CallbackList([ProgressLog(), self.metrics, self.run_state])
+        self.ctx = RunContext(job=self.job, hp=self.hp, model_path=self.model_path,
+                              dataset_files=self.dataset_files, destination=self.destination,
+                              checkpoints=checkpoints, resume_from=resume_from, callbacks=callbacks,
+                              stop=self.stop, monitor=self.monitor,
+                              checkpoint_every=spec.output.checkpoint_every_steps, log=self.log)
+        self.engine = create_engine(self.engine_name)
+        self.engine.setup(self.ctx)
+
+    def train(self) -> TrainResult:
+        result = self.engine.train()
+        if math.isnan(result.final_loss) and self.ctx.resume_from:
+            result.final_loss = float(self.ctx.resume_from.metadata().get("loss", math.nan))
+        return result
+
+    def save(self, result: TrainResult) -> tuple[SavedModel, dict]:
+        self.log(f"saving the model to {self.destination}")
+        saved = save_final_model(self.engine.model, self.engine.tokenizer, self.destination,
+                                 probe_ids=self.engine.probe_ids, check_logits=self.engine_name == "cpu")
+        check = (f"{saved.tensors_checked} tensors equal on disk" +
+                 (f", reloaded logits max diff {saved.max_logit_diff:.2g}" if saved.max_logit_diff is not None
+                  else ""))
+        self.log(f"saved {saved.files} files ({saved.bytes / 2**20:.1f} MiB) to {saved.path}: {check}")
+        summary = self.summary(result, saved)
+        write_summary(self.destination, summary)
+        self.ctx.callbacks.on_train_end(summary)
+        return saved, summary
+
+    def summary(self, result: TrainResult, saved: SavedModel) -> dict:
+        memory = snapshot(self.monitor)
+        return {
+            "engine": self.engine_name,
+            "profile": self.hp.profile,
+            "requested_profile": self.hp.requested_profile,
+            "steps": result.step,
+            "planned_steps": result.total_steps,
+            "resumed_from_step": result.start_step or None,
+            "epoch": result.epoch,
+            "tokens": result.tokens_total,
+            "tokens_this_run": result.tokens_trained,
+            "train_seconds": round(result.train_seconds, 3),
+            "wall_seconds": round(time.time() - self.started, 3),
+            "tokens_per_second": round(result.tokens_trained / result.train_seconds, 1)
+            if result.train_seconds > 0 else None,
+            "final_loss": result.final_loss,
+            "peak_memory": {
+                "gpu_reserved_peak_bytes": memory.get("gpu_peak"),
+                "gpu_allocated_peak_bytes": memory.get("gpu_peak_allocated"),
+                "gpu_device_peak_bytes": memory.get("device_peak"),
+                "host_rss_peak_bytes": memory.get("host_rss_peak"),
+            },
+            "model": {"path": str(saved.path), "files": saved.files, "bytes": saved.bytes,
+                      "tensors_checked": saved.tensors_checked, "max_logit_diff": saved.max_logit_diff},
+            "hyperparameters": self.hp.as_dict(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def memory_peaks(self) -> str:
+        memory = snapshot(self.monitor)
+        parts = []
+        if "gpu_peak" in memory:
+            parts.append(f"torch reserved peak {memory['gpu_peak'] / 2**30:.2f} GiB")
+        if "device_peak" in memory:
+            parts.append(f"NVML device peak {memory['device_peak'] / 2**30:.2f} GiB")
+        parts.append(f"host RSS peak {memory['host_rss_peak'] / 2**30:.2f} GiB")
+        return ", ".join(parts)
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.shutdown()
+        if self.monitor:
+            self.monitor.stop()

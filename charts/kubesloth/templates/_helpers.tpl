@@ -1,0 +1,81 @@
+{{/* Names: the usual Helm conventions, truncated to 63 characters (DNS label). */}}
+{{- define "kubesloth.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "kubesloth.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubesloth.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "kubesloth.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubesloth
+{{- end -}}
+
+{{- define "kubesloth.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubesloth.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "kubesloth.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "kubesloth.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubesloth.operatorImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "kubesloth.trainerImage" -}}
+{{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) -}}
+{{- end -}}
+
+{{/* Cluster-wide when no namespaces are listed. */}}
+{{- define "kubesloth.clusterWide" -}}
+{{- if not .Values.watchNamespaces -}}true{{- end -}}
+{{- end -}}
+
+{{/* Rules for the namespaced objects the operator touches (a ClusterRole's or each watched namespace's Role). */}}
+{{- define "kubesloth.namespacedRules" }}
+  - apiGroups: [kubesloth.io]
+    resources: [finetunejobs]
+    verbs: [get, list, watch, patch]
+  - apiGroups: [kubesloth.io]
+    resources: [finetunejobs/status]
+    verbs: [get, patch, update]
+  - apiGroups: [batch]
+    resources: [jobs]
+    verbs: [create, get, list, watch, delete, patch]
+  - apiGroups: [""]
+    resources: [pods]
+    verbs: [get, list, watch]
+  - apiGroups: [""]
+    resources: [configmaps]
+    verbs: [create, get, list, watch, delete, patch]
+  - apiGroups: ["", events.k8s.io]
+    resources: [events]
+    verbs: [create, patch]
+{{- end }}
+
+{{/* Cluster-scoped reads: kopf scans the CRDs to resolve the resources it serves. */}}
+{{- define "kubesloth.clusterRules" }}
+  - apiGroups: [apiextensions.k8s.io]
+    resources: [customresourcedefinitions]
+    verbs: [get, list, watch]
+{{- end }}

@@ -235,6 +235,9 @@ def metrics_url(pod: Mapping[str, Any]) -> Optional[str]:
         return None
     port = contract.METRICS_PORT
     for container in (pod.get("spec") or {}).get("containers") or []:
+        for declared in container.get("ports") or []:
+            if declared.get("name") == "metrics" and declared.get("containerPort"):
+                port = int(declared["containerPort"])
         for env in container.get("env") or []:
             if env.get("name") == contract.Env.METRICS_PORT.value and env.get("value") not in (None, ""):
                 port = int(env["value"])

@@ -184,3 +184,95 @@ def test_tied_weights_get_one_optimizer_and_one_step():
 def test_accumulation_is_folded_into_one_batch():
     assert merge_batch_semantics(1, 4) == 4
     assert merge_batch_semantics(8, 1) == 8
+
+
+# --- the engine through the real entry point (`python -m kubesloth.trainer`'s main), CPU ------------------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from kubesloth.api.contract import CHECKPOINTS_DIR, FINAL_MODEL_DIR, SUMMARY_FILE, Env  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca-tiny.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from kubesloth.trainer.tiny import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def write_job(path: Path, model: Path, out: Path, **training) -> Path:
+    spec = {
+        "model": {"source": f"file://{model}", "maxSeqLength": 64},
+        "dataset": {"source": f"file://{DATA}", "format": "alpaca", "maxSamples": 64},
+        "training": {"profile": "custom", "maxSteps": 6, "learningRate": 3e-3, "perDeviceBatchSize": 4,
+                     "gradientAccumulationSteps": 2, "optimizer": "adamw_torch", "gradientCheckpointing": "false",
+                     "lrScheduler": "constant", "warmupRatio": 0.0, "maxGradNorm": 1.0, **training},
+        "output": {"destination": f"file://{out}", "checkpointEverySteps": 3, "checkpointsToKeep": 5},
+    }
+    path.write_text(yaml.safe_dump({"apiVersion": "kubesloth.io/v1alpha1", "kind": "FineTuneJob",
+                                    "metadata": {"name": "fused-test", "namespace": "t"}, "spec": spec}))
+    return path
+
+
+def run_entry_point(config: Path, monkeypatch, capsys) -> tuple[int, str]:
+    from kubesloth.trainer.main import main
+    monkeypatch.setenv(Env.ENGINE.value, "fused")
+    monkeypatch.setenv(Env.METRICS_PORT.value, "0")
+    monkeypatch.setenv(Env.TERMINATION_LOG.value, str(config.parent / "termination-log"))
+    code = main(["--config", str(config)])
+    return code, capsys.readouterr().out
+
+
+def test_entry_point_trains_checkpoints_resumes_and_saves(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    config = write_job(tmp_path / "job.yaml", tiny_model_dir, out)
+    code, log = run_entry_point(config, monkeypatch, capsys)
+    assert code == 0, log
+    assert "engine fused" in log and "8 sequences per step (no accumulation)" in log
+    assert "per-parameter clipping" in log
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["engine"] == "fused" and summary["steps"] == 6
+    assert summary["tokens"] > 0 and summary["model"]["tensors_checked"] > 0
+    assert (out / FINAL_MODEL_DIR / "model.safetensors").is_file()
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in log.splitlines() if "] step " in line]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    steps = sorted(p.name for p in (out / CHECKPOINTS_DIR).iterdir() if p.name.startswith("step-"))
+    assert steps == ["step-00000003", "step-00000006"]
+
+    # Every weight was trained (full fine-tuning): compare the saved model with the initial one.
+    from safetensors.torch import load_file
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(out / FINAL_MODEL_DIR / "model.safetensors"))
+    unchanged = [name for name in before if torch.equal(before[name].float(), after[name].float())]
+    assert not unchanged
+
+    # Resume: drop what steps 4-6 wrote; the rerun resumes at step 3 and must land on the same loss.
+    shutil.rmtree(out / CHECKPOINTS_DIR / "step-00000006")
+    shutil.rmtree(out / FINAL_MODEL_DIR)
+    (out / SUMMARY_FILE).unlink()
+    code, log2 = run_entry_point(config, monkeypatch, capsys)
+    assert code == 0, log2
+    assert "resumed model" in log2 and "at step 3" in log2
+    resumed = json.loads((out / SUMMARY_FILE).read_text())
+    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6
+    assert resumed["final_loss"] == pytest.approx(summary["final_loss"], abs=1e-5)
+    assert resumed["tokens"] == summary["tokens"]
+    again = load_file(str(out / FINAL_MODEL_DIR / "model.safetensors"))
+    assert all(torch.allclose(after[n], again[n], atol=1e-6) for n in after)
+
+
+def test_entry_point_refuses_a_checkpoint_of_another_engine(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A complete checkpoint without the fused engine's files is refused with a clear message, not half-loaded."""
+    out = tmp_path / "out"
+    foreign = out / CHECKPOINTS_DIR / "step-00000003"
+    foreign.mkdir(parents=True)
+    (foreign / "COMPLETE").write_text("{}")
+    config = write_job(tmp_path / "job.yaml", tiny_model_dir, out)
+    code, log = run_entry_point(config, monkeypatch, capsys)
+    assert code == 2, log
+    assert "not written by the fused engine" in log

@@ -321,6 +321,384 @@ def bnb_direct_update(opt: torch.optim.Optimizer, param: torch.nn.Parameter) -> 
     opt.update_step(group, param, 0, 0)
 
 
+# --- the engine (the trainer's entry point runs this) -----------------------------------------------------------
+
+# Where the states of a profile live on a GPU, and how many decoder layers skip checkpointing ("auto": as many as
+# the memory budget allows, estimated from the activation size of one layer).
+PLACEMENTS = ("paged", "device", "host", "torch")
+# Memory kept free for the working set of a step (the layer being recomputed, the loss chunks, allocator slack).
+WORKING_SET_RESERVE_GIB = 6.0
+# The benchmark's knobs (bench/gpu_bench.py sweeps them); not part of the pod contract.
+TUNING_ENV = "KUBESLOTH_FUSED_TUNING"
+
+
+@dataclass
+class FusedPlan:
+    """What the engine decided from the profile, the optimizer and the memory budget (logged at start)."""
+
+    device: str  # cuda | cpu
+    placement: str  # paged | device | host | torch
+    sequences_per_step: int
+    checkpointing: str  # unsloth | true | false
+    uncheckpointed_layers: int = 0
+    budget_bytes: Optional[int] = None  # torch's cap (set_per_process_memory_fraction), if any
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        cap = f", torch memory cap {self.budget_bytes / 2**30:.1f} GiB" if self.budget_bytes else ""
+        layers = (f", {self.uncheckpointed_layers} decoder layers without checkpointing"
+                  if self.uncheckpointed_layers else "")
+        return (f"fused step on {self.device}: optimizer states {self.placement}, {self.sequences_per_step} "
+                f"sequences per step (no accumulation), checkpointing {self.checkpointing}{layers}{cap}")
+
+
+def _tuning() -> dict:
+    import json
+    import os
+
+    raw = os.environ.get(TUNING_ENV)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        from kubesloth.trainer.errors import BadConfig
+        raise BadConfig(f"{TUNING_ENV} must be a JSON object, got {raw[:80]!r}") from None
+    return value if isinstance(value, dict) else {}
+
+
+def layer_activation_bytes(config, tokens: int) -> int:
+    """Saved activations of one Llama decoder layer without checkpointing (bf16): norms, q/k/v, attention out,
+    residuals, and the MLP's gate, up, activation and product - an upper estimate."""
+    hidden = config.hidden_size
+    inter = config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    per_token = 7 * hidden + 2 * kv * head_dim + 4 * inter
+    return 2 * per_token * tokens
+
+
+class FusedEngine:
+    """Engine `fused`: a manual loop with the optimizer step fused into backward (see the module docstring).
+
+    On a GPU the model is Unsloth's FastLanguageModel (full fine-tuning, bf16) with its offloaded checkpointing
+    and its fused cross-entropy (the loss through `labels=`); on CPU it is the float32 transformers model with
+    torch AdamW per parameter (CI). Data, callbacks, checkpoint layout, metrics and the save are the shared ones.
+    """
+
+    name = "fused"
+
+    def __init__(self):
+        self.model = None
+        self.tokenizer = None
+        self.probe_ids: list[int] = []
+        self.plan: Optional[FusedPlan] = None
+        self.fused: Optional[FusedOptimizer] = None
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def setup(self, ctx) -> None:
+        from kubesloth.trainer.data import CausalLMCollator, build_training_data, ensure_pad_token
+
+        self.ctx = ctx
+        hp = ctx.hp
+        on_gpu = torch.cuda.is_available()
+        tuning = _tuning()
+        if on_gpu:
+            budget = self._memory_budget(ctx, tuning)
+            self._load_unsloth(ctx)
+        else:
+            budget = None
+            self._load_cpu(ctx)
+        pad_id = ensure_pad_token(self.tokenizer)
+        spec = ctx.job.spec
+        self.data = build_training_data(ctx.dataset_files, fmt=str(spec.dataset.format),
+                                        text_field=spec.dataset.text_field, max_samples=spec.dataset.max_samples,
+                                        tokenizer=self.tokenizer, max_seq_length=hp.max_seq_length,
+                                        packing=hp.packing)
+        self.probe_ids = self.data.rows[0][0][:32]
+        self.collate = CausalLMCollator(pad_id, hp.packing)
+        self.batch = merge_batch_semantics(hp.per_device_batch_size, hp.gradient_accumulation_steps)
+        self.steps_per_epoch = max(math.ceil(len(self.data) / self.batch), 1)
+        self.total_steps = hp.max_steps or hp.epochs * self.steps_per_epoch
+        self.plan = self._plan(ctx, on_gpu, budget, tuning)
+        ctx.log(self.plan.describe())
+        for note in self.plan.notes:
+            ctx.log(note)
+        if on_gpu and self.plan.uncheckpointed_layers:
+            self._skip_checkpointing(self.plan.uncheckpointed_layers)
+        self.fused = self._make_fused(ctx)
+        self.start_tokens = 0
+        self.last_loss = math.nan
+        if ctx.resume_from is not None:
+            self._resume(ctx.resume_from)
+
+    def _memory_budget(self, ctx, tuning: dict) -> Optional[int]:
+        """resources.gpuMemoryGiB becomes torch's cap, less what the process holds outside torch (CUDA context)."""
+        gib = tuning.get("gpu_memory_gib", ctx.job.spec.resources.gpu_memory_gi_b)
+        if not gib:
+            return None
+        torch.cuda.init()
+        torch.empty(1, device="cuda")  # create the context so its size can be read
+        outside = 0
+        if ctx.monitor.available:
+            ctx.monitor.sample()
+            outside = max((ctx.monitor.used or 0) - torch.cuda.memory_reserved(), 0)
+        total = torch.cuda.get_device_properties(0).total_memory
+        cap = min(int(float(gib) * 2**30) - outside - (256 << 20), total)
+        torch.cuda.set_per_process_memory_fraction(max(cap, 1 << 30) / total)
+        ctx.log(f"GPU budget {float(gib):g} GiB: torch capped at {cap / 2**30:.2f} GiB "
+                f"({outside / 2**30:.2f} GiB held outside torch)")
+        return cap
+
+    def _load_unsloth(self, ctx) -> None:
+        import os
+
+        os.environ.setdefault("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
+        import unsloth  # noqa: F401  (before transformers: it patches it)
+        from unsloth import FastLanguageModel
+
+        hp = ctx.hp
+        mode = {"unsloth": "unsloth", "true": True, "false": False}[hp.gradient_checkpointing]
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(ctx.model_path), max_seq_length=hp.max_seq_length, dtype=torch.bfloat16,
+            load_in_4bit=False, load_in_8bit=False, full_finetuning=True, use_gradient_checkpointing=mode)
+        model.config.use_cache = False
+        model.train()
+        self.model = model
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+
+    def _load_cpu(self, ctx) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(ctx.model_path, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(ctx.model_path, dtype=torch.float32,
+                                                          attn_implementation="sdpa", local_files_only=True)
+        self.model.config.use_cache = False
+        if ctx.hp.gradient_checkpointing != "false":
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+
+    def _decoder_layers(self) -> list:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        return [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    def _skip_checkpointing(self, count: int) -> None:
+        """Selective checkpointing: the last `count` decoder layers keep their activations (no recompute)."""
+        layers = [m for m in self._decoder_layers() if getattr(m, "gradient_checkpointing", False)]
+        for layer in layers[len(layers) - count:]:
+            layer.gradient_checkpointing = False
+
+    def _plan(self, ctx, on_gpu: bool, budget: Optional[int], tuning: dict) -> FusedPlan:
+        from kubesloth.trainer.errors import BadConfig
+
+        hp = ctx.hp
+        plan = FusedPlan(device="cuda" if on_gpu else "cpu", placement="torch", sequences_per_step=self.batch,
+                         checkpointing=hp.gradient_checkpointing, budget_bytes=budget)
+        if hp.gradient_accumulation_steps > 1:
+            plan.notes.append(f"fused engine: gradientAccumulationSteps {hp.gradient_accumulation_steps} x "
+                              f"perDeviceBatchSize {hp.per_device_batch_size} run as one batch of {self.batch} "
+                              "sequences per step (same token-mean loss, no accumulation)")
+        if hp.max_grad_norm > 0:
+            plan.notes.append(f"fused engine: maxGradNorm {hp.max_grad_norm:g} clips each parameter's gradient "
+                              "on its own (per-parameter clipping)")
+        if not on_gpu:
+            return plan  # torch AdamW per parameter
+        eight_bit = {"paged_adamw_8bit": "paged", "adamw_8bit": "device"}
+        if hp.optimizer in eight_bit:
+            plan.placement = eight_bit[hp.optimizer]
+        elif hp.optimizer in ("adamw_torch", "adamw_torch_fused"):
+            plan.placement = "torch"
+        else:
+            raise BadConfig(f"spec.training.optimizer: {hp.optimizer} is not supported by the fused engine "
+                            "(allowed: paged_adamw_8bit, adamw_8bit, adamw_torch, adamw_torch_fused)")
+        if "placement" in tuning:
+            plan.placement = tuning["placement"]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        state_bytes = eight_bit_state_bytes(params)
+        reserved = torch.cuda.memory_reserved()
+        free, _total = torch.cuda.mem_get_info()
+        reserve = int(WORKING_SET_RESERVE_GIB * 2**30)
+        if plan.placement in ("paged", "device"):
+            # States must fit beside the weights and a step's working set in the budget, and (paged: managed
+            # memory) in what the card has free; otherwise they stream from pinned host memory.
+            room = (budget if budget is not None else reserved + free) - reserved - reserve
+            if state_bytes > room or state_bytes + reserve > free:
+                plan.notes.append(f"fused engine: 8-bit states ({state_bytes / 2**30:.1f} GiB) do not fit beside "
+                                  f"the weights in the budget ({room / 2**30:.1f} GiB left): states in pinned host "
+                                  "memory, streamed per parameter")
+                plan.placement = "host"
+        tokens = self.batch * hp.max_seq_length
+        if "uncheckpointed_layers" in tuning:
+            plan.uncheckpointed_layers = int(tuning["uncheckpointed_layers"])
+        elif hp.profile == "fast" and hp.gradient_checkpointing != "false":
+            per_layer = layer_activation_bytes(self.model.config, tokens)
+            held = state_bytes if plan.placement == "device" else 0
+            room = (budget if budget is not None else reserved + free) - reserved - held - reserve
+            layers = len(self._decoder_layers())
+            plan.uncheckpointed_layers = max(0, min(layers, int(room // per_layer)))
+            plan.notes.append(f"fast: {room / 2**30:.1f} GiB for activations at {per_layer / 2**30:.2f} GiB per "
+                              f"layer -> {plan.uncheckpointed_layers}/{layers} layers without checkpointing")
+        return plan
+
+    def _make_fused(self, ctx) -> FusedOptimizer:
+        from transformers import get_scheduler
+
+        from kubesloth.trainer.engines.base import warmup_steps
+
+        hp = ctx.hp
+        placement = self.plan.placement
+        host = None
+        direct = None
+        if self.plan.device == "cpu":
+            factory = torch_adamw_factory(hp.learning_rate, hp.weight_decay)
+        elif placement == "torch":
+            factory = torch_adamw_factory(hp.learning_rate, hp.weight_decay, fused=True)
+        else:
+            factory = bnb_adamw8bit_factory(hp.learning_rate, hp.weight_decay, paged=placement == "paged")
+            if placement in ("device", "host"):
+                direct = bnb_direct_update
+            if placement == "host":
+                host = HostStateStore(torch.device("cuda"))
+        warmup = warmup_steps(self.total_steps, hp.warmup_ratio)
+
+        def make_scheduler(lead):
+            return get_scheduler(hp.lr_scheduler, lead, num_warmup_steps=warmup,
+                                 num_training_steps=self.total_steps)
+
+        return FusedOptimizer(self.model.named_parameters(), factory, make_scheduler,
+                              learning_rate=hp.learning_rate, max_grad_norm=hp.max_grad_norm,
+                              host_states=host, direct_update=direct)
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    def _order(self, epoch: int) -> list[int]:
+        """The rows of an epoch in a seeded order; a function of (seed, epoch) only, so resume needs no state."""
+        generator = torch.Generator().manual_seed(self.ctx.hp.seed + epoch)
+        return torch.randperm(len(self.data), generator=generator).tolist()
+
+    def batches_from(self, step: int) -> Iterator[dict]:
+        """The batches of steps step+1, step+2, ... (the last batch of an epoch may be short)."""
+        while True:
+            epoch, index = divmod(step, self.steps_per_epoch)
+            order = self._order(epoch)
+            rows = order[index * self.batch:(index + 1) * self.batch]
+            yield self.collate([self.data[i] for i in rows])
+            step += 1
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, step: int, tokens_total: int):
+        from safetensors.torch import save_model
+
+        meta = {"engine": self.name, "profile": self.ctx.hp.profile, "epoch": step / self.steps_per_epoch,
+                "tokens_seen": tokens_total, "loss": self.last_loss, "hyperparameters": self.ctx.hp.as_dict(),
+                "fused_plan": {"placement": self.plan.placement, "sequences_per_step": self.batch}}
+        with self.ctx.checkpoints.writing(step, meta) as folder:
+            save_model(self.model, str(folder / "model.safetensors"))
+            torch.save(self.fused.state_dict(), folder / "optimizer.pt")
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save(rng, folder / "rng_state.pt")
+        checkpoint = self.ctx.checkpoints.latest()
+        self.ctx.callbacks.on_checkpoint(step, str(checkpoint.path))
+        return checkpoint
+
+    def _resume(self, checkpoint) -> None:
+        from safetensors.torch import load_model
+
+        from kubesloth.trainer.errors import BadConfig
+
+        folder = checkpoint.path
+        if not (folder / "optimizer.pt").is_file() or not (folder / "model.safetensors").is_file():
+            raise BadConfig(f"checkpoint {folder} was not written by the fused engine (no optimizer.pt/"
+                            "model.safetensors); resume it with the engine that wrote it")
+        load_model(self.model, str(folder / "model.safetensors"), strict=True)
+        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.fused.load_state_dict(state)
+        rng = torch.load(folder / "rng_state.pt", weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        meta = checkpoint.metadata()
+        self.start_tokens = int(meta.get("tokens_seen", 0))
+        self.last_loss = float(meta.get("loss", math.nan))
+        self.ctx.log(f"fused: resumed model, {len(self.fused.optimizers)} optimizer states, schedule and RNG at "
+                     f"step {self.fused.step}")
+
+    # --- train --------------------------------------------------------------------------------------------------
+    def train(self):
+        from kubesloth.trainer.callbacks import StartEvent, StepEvent, Throughput
+        from kubesloth.trainer.engines.base import TrainResult
+        from kubesloth.trainer.memory import snapshot
+
+        ctx, hp = self.ctx, self.ctx.hp
+        start_step = self.fused.step
+        tokens_total = self.start_tokens
+        losses: list[tuple[int, float]] = []
+        last_checkpoint = None
+        interrupted = False
+        started = time.monotonic()
+        if start_step >= self.total_steps:
+            return TrainResult(step=start_step, start_step=start_step, total_steps=self.total_steps,
+                               epoch=start_step / self.steps_per_epoch, tokens_total=tokens_total,
+                               tokens_trained=0, final_loss=self.last_loss, train_seconds=0.0,
+                               interrupted=False, last_checkpoint=ctx.resume_from)
+        ctx.callbacks.on_train_start(StartEvent(engine=self.name, profile=hp.profile, total_steps=self.total_steps,
+                                                start_step=start_step, tokens_seen=tokens_total,
+                                                examples=self.data.examples, rows=len(self.data)))
+        throughput = Throughput(start_step, tokens_total)
+        device = torch.device("cuda") if self.plan.device == "cuda" else None
+        pending = {"tokens": 0}
+
+        def count_tokens(batch: dict) -> int:
+            mask = batch.get("attention_mask")
+            return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+        batches = self.batches_from(start_step)
+
+        def counted():
+            for batch in batches:
+                pending["tokens"] = count_tokens(batch)
+                yield batch
+
+        def on_step(result: StepResult) -> None:
+            nonlocal tokens_total, last_checkpoint, interrupted
+            tokens_total += pending["tokens"]
+            self.last_loss = result.loss
+            losses.append((result.step, result.loss))
+            if result.step % hp.logging_steps == 0 or result.step == self.total_steps:
+                rate, eta = throughput.update(result.step, tokens_total, self.total_steps)
+                ctx.callbacks.on_step(StepEvent(
+                    step=result.step, total_steps=self.total_steps, epoch=result.step / self.steps_per_epoch,
+                    loss=result.loss, learning_rate=result.learning_rate, tokens_total=tokens_total,
+                    tokens_per_second=rate, eta_seconds=eta, grad_norm=result.grad_norm,
+                    memory=snapshot(ctx.monitor)))
+            stop = ctx.stop.is_set() and result.step < self.total_steps
+            if stop or result.step % ctx.checkpoint_every == 0:
+                last_checkpoint = self._save_checkpoint(result.step, tokens_total)
+            if stop:
+                interrupted = True
+                raise _Stop()
+
+        try:
+            train_steps(self.model, self.fused, counted(), self.total_steps, on_step=on_step, device=device)
+        except _Stop:
+            pass
+        if self.fused.host_states is not None:
+            self.fused.host_states.synchronize()
+        self.fused.remove_hooks()  # the save check and any later forward/backward run without fused steps
+        return TrainResult(step=self.fused.step, start_step=start_step, total_steps=self.total_steps,
+                           epoch=self.fused.step / self.steps_per_epoch, tokens_total=tokens_total,
+                           tokens_trained=tokens_total - self.start_tokens, final_loss=self.last_loss,
+                           train_seconds=time.monotonic() - started, interrupted=interrupted,
+                           last_checkpoint=last_checkpoint, losses=losses)
+
+
+class _Stop(Exception):
+    """Raised from the step callback after the interrupt checkpoint: leaves the loop between steps."""
+
+
 # --- the loop ---------------------------------------------------------------------------------------------------
 
 @dataclass

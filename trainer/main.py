@@ -66,8 +66,8 @@ def metrics_port_ok() -> None:
 
 def run(config: Optional[str], stop: threading.Event) -> str:
     """Returns the success message; raises TrainerFailure (or anything) on failure."""
-    from kubesloth.trainer.engines import GPU_ONLY, choose_engine, requested_engine
-    from kubesloth.trainer.profiles import resolve_hyperparameters
+    from kubesloth.trainer.engines import choose_engine, requested_engine, runs_on_gpu
+    from kubesloth.trainer.profiles import resolve_hyperparameters, resolve_profile
     from kubesloth.trainer.save import check_writable, weights_bytes
     from kubesloth.trainer.sources import resolve_dataset, resolve_destination, resolve_model
 
@@ -87,8 +87,9 @@ def run(config: Optional[str], stop: threading.Event) -> str:
     if stop.is_set():
         raise Interrupted("stopped before training started; nothing new to checkpoint; resumable")
 
-    engine_name = choose_engine(requested)
-    hp = resolve_hyperparameters(spec, on_gpu=engine_name in GPU_ONLY)
+    gpu_profile = resolve_profile(str(spec.training.profile), spec.resources.gpu_memory_gi_b, on_gpu=True)
+    engine_name = choose_engine(requested, profile=gpu_profile)
+    hp = resolve_hyperparameters(spec, on_gpu=runs_on_gpu(engine_name))
     for note in hp.notes:
         log(note)
     log(f"engine {engine_name}; profile {hp.profile}: batch {hp.per_device_batch_size} x accumulation "

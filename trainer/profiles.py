@@ -12,11 +12,15 @@ from kubesloth.api.v1alpha1 import FineTuneJobSpec
 
 # The fields a preset decides. Values are spec (wire) values.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The memory-lean setting: 8-bit paged AdamW, Unsloth's offloaded checkpointing, micro-batch 1 x 4.
+    # On a GPU both run on the fused engine (optimizer step inside backward, no accumulation: 8 sequences a
+    # step); measured in docs/benchmarks.md.
+    # The memory-lean setting: 8-bit paged AdamW per parameter, Unsloth's offloaded checkpointing; with a
+    # resources.gpuMemoryGiB too small for the states beside the weights they stream from pinned host memory.
     "lean": {"optimizer": "paged_adamw_8bit", "gradient_checkpointing": "unsloth",
-             "per_device_batch_size": 1, "gradient_accumulation_steps": 4},
-    # A throughput preset (a later GPU issue tunes it): fused 32-bit AdamW, plain checkpointing, batch 8 x 1.
-    "fast": {"optimizer": "adamw_torch_fused", "gradient_checkpointing": "true",
+             "per_device_batch_size": 8, "gradient_accumulation_steps": 1},
+    # Throughput within the budget: 8-bit AdamW states in plain device memory, and as many decoder layers as fit
+    # keep their activations instead of recomputing them (the fused engine decides the count).
+    "fast": {"optimizer": "adamw_8bit", "gradient_checkpointing": "unsloth",
              "per_device_batch_size": 8, "gradient_accumulation_steps": 1},
 }
 # profile auto picks lean when the GPU budget (resources.gpuMemoryGiB) is below this, else fast.

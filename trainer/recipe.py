@@ -41,7 +41,7 @@ def leaner_suggestion(hp: Hyperparameters) -> str:
     """What to change after an out-of-memory, most effective first."""
     ideas = []
     if hp.profile != "lean":
-        ideas.append("training.profile: lean (8-bit paged AdamW, offloaded checkpointing, batch 1 x 4)")
+        ideas.append("training.profile: lean (8-bit AdamW stepped inside backward, offloaded checkpointing)")
     if hp.per_device_batch_size > 1:
         ideas.append(f"training.perDeviceBatchSize: {max(hp.per_device_batch_size // 2, 1)} with "
                      f"gradientAccumulationSteps: {hp.gradient_accumulation_steps * 2} (same effective batch)")

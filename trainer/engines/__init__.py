@@ -15,8 +15,13 @@ from kubesloth.trainer.errors import BadConfig
 ENGINES = {
     "cpu": ("kubesloth.trainer.engines.cpu", "CpuEngine"),
     "unsloth": ("kubesloth.trainer.engines.unsloth", "UnslothEngine"),
+    "fused": ("kubesloth.trainer.engines.fused", "FusedEngine"),
 }
 GPU_ONLY = {"unsloth"}
+# Engines that run on either device and take the GPU when one is visible (fused: CI tests its loop on CPU).
+EITHER_DEVICE = {"fused"}
+# On a GPU, auto runs these profiles on the fused engine (optimizer step inside backward; docs/benchmarks.md).
+FUSED_PROFILES = {"lean", "fast"}
 
 
 def requested_engine() -> str:
@@ -26,17 +31,27 @@ def requested_engine() -> str:
     return value
 
 
-def choose_engine(requested: str, cuda_available: Optional[Callable[[], bool]] = None) -> str:
-    """auto -> unsloth when CUDA is available, else cpu."""
-    if cuda_available is None:
-        def cuda_available() -> bool:
-            import torch
-            return torch.cuda.is_available()
+def _torch_cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def choose_engine(requested: str, cuda_available: Optional[Callable[[], bool]] = None,
+                  profile: Optional[str] = None) -> str:
+    """auto -> on a GPU: fused for the lean/fast profiles, else unsloth; without one: cpu."""
+    cuda_available = cuda_available or _torch_cuda_available
     if requested == "auto":
-        return "unsloth" if cuda_available() else "cpu"
+        if not cuda_available():
+            return "cpu"
+        return "fused" if profile in FUSED_PROFILES else "unsloth"
     if requested in GPU_ONLY and not cuda_available():
         raise BadConfig(f"{Env.ENGINE.value}={requested} needs a CUDA GPU and none is visible")
     return requested
+
+
+def runs_on_gpu(name: str, cuda_available: Optional[Callable[[], bool]] = None) -> bool:
+    """Whether this engine will train on the GPU (decides the CPU mapping of GPU-only settings)."""
+    return name in GPU_ONLY or (name in EITHER_DEVICE and (cuda_available or _torch_cuda_available)())
 
 
 def create_engine(name: str):

@@ -1,4 +1,4 @@
-"""The `kubesloth` command: generate the CRD, run the local control plane, run the demo."""
+"""The `kubesloth` command: generate the CRD, run the operator, run the local control plane, node agent and demo."""
 
 from __future__ import annotations
 
@@ -47,6 +47,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.state_dir), Path(args.example), timeout=args.timeout, keep=args.keep)
 
 
+def kopf_argv(extra: list[str], namespaces: tuple[str, ...] = ()) -> list[str]:
+    """`kopf run` arguments for the operator; the defaults are added only where the user gave none.
+
+    --standalone: one replica, no peering (the chart runs a single-replica Deployment with strategy Recreate, so two
+    operators never act at once); pass --peering NAME (with crds/kopf-peering.yaml applied) to use kopf's peering.
+    """
+    argv = ["run", "--module", "kubesloth.operator.handlers", *extra]
+    if not {"--standalone", "--peering", "--priority"} & {a.split("=")[0] for a in extra}:
+        argv.append("--standalone")
+    if not {"-n", "--namespace", "-A", "--all-namespaces"} & {a.split("=")[0] for a in extra}:
+        argv += [arg for ns in namespaces for arg in ("--namespace", ns)] if namespaces else ["--all-namespaces"]
+    return argv
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from kubesloth.operator.settings import OperatorSettings, SettingsError
+
+    try:
+        settings = OperatorSettings.from_env()
+    except SettingsError as err:
+        print(f"kubesloth operator: {err}", file=sys.stderr)
+        return 2
+    from kopf import cli as kopf_cli
+
+    extra = [a for a in args.kopf_args if a != "--"]
+    return kopf_cli.main(args=kopf_argv(extra, settings.namespaces), prog_name="kubesloth operator",
+                         standalone_mode=False) or 0
+
+
+def cmd_nodeagent(args: argparse.Namespace) -> int:
+    from kubesloth.local.nodeagent import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubesloth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,12 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     crd.add_argument("--write", action="store_true")
     crd.set_defaults(func=cmd_crd)
 
-    dev = sub.add_parser("dev", help="the local control plane and demo")
+    operator = sub.add_parser("operator", help="run the operator (kopf); other arguments go to `kopf run`",
+                              description="Run the kubesloth operator. Settings: KUBESLOTH_OPERATOR_* env vars "
+                                          "(docs/operator.md); other arguments are passed to `kopf run`.")
+    operator.add_argument("kopf_args", nargs="*", help="kopf run options, e.g. --verbose (after --)")
+    operator.set_defaults(func=cmd_operator)
+
+    dev = sub.add_parser("dev", help="the local control plane, node agent and demo")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)
     cluster = dev_sub.add_parser("cluster", help="start/stop a real local kube-apiserver + etcd + controllers")
     cluster.add_argument("action", choices=["up", "down", "env", "status"])
     cluster.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
     cluster.set_defaults(func=cmd_cluster)
+
+    from kubesloth.local.nodeagent import add_arguments as nodeagent_arguments
+
+    nodeagent = dev_sub.add_parser("nodeagent", help="play the kubelet for this machine: bind pods, run them locally")
+    nodeagent_arguments(nodeagent)
+    nodeagent.set_defaults(func=cmd_nodeagent)
 
     demo = dev_sub.add_parser("demo", help="run a FineTuneJob end to end on the local control plane")
     demo.add_argument("--example", default="examples/finetunejob-tiny.yaml")
@@ -72,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["operator"] and not {"-h", "--help"} & set(argv[1:]):
+        # Everything after `operator` goes to `kopf run` verbatim (argparse would reorder options and values).
+        args = argparse.Namespace(func=cmd_operator, kopf_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except subprocess.CalledProcessError as err:

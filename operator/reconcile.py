@@ -1,0 +1,221 @@
+"""One level-triggered reconcile of one FineTuneJob: read what is, act, write status.
+
+Called by every trigger (the FineTuneJob's own handlers, its Job's and Pods' watch events, the periodic resync),
+always with the same effect for the same state of the cluster; a lock per FineTuneJob keeps two triggers from
+acting at once, and the FineTuneJob is read fresh inside it (an event's body may be stale).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Optional
+
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from kubesloth.api import contract
+from kubesloth.api.v1alpha1 import FINISHED_PHASES, Phase
+
+from . import builders, status as status_mod
+from .kube import KubeApi
+from .settings import OperatorSettings
+
+log = logging.getLogger("kubesloth.operator")
+
+# Hooks another module can fill without touching the reconcile:
+#   enricher(ftj, job, pods, status) -> status   e.g. operator/progress.py adds status.progress from the metrics
+#   observer(ftj, status, outcome, seconds)      e.g. operator/metrics.py counts reconciles and phases
+Enricher = Callable[[dict, Optional[dict], list, dict], dict]
+Observer = Callable[[dict, Optional[dict], str, float], None]
+
+WARNING_PHASES = {Phase.Failed.value}
+
+
+@dataclass
+class Outcome:
+    """What one reconcile saw and did; `retry_after` set when it must run again soon (e.g. an old Job is
+    still being deleted)."""
+
+    phase: str | None = None
+    actions: list[str] = field(default_factory=list)
+    retry_after: float | None = None
+
+
+class Reconciler:
+    def __init__(self, api: KubeApi, settings: OperatorSettings, enrichers: list[Enricher] | None = None,
+                 observers: list[Observer] | None = None, clock: Callable[[], datetime] | None = None):
+        self.api = api
+        self.settings = settings
+        self.enrichers = list(enrichers or [])
+        self.observers = list(observers or [])
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def reconcile(self, namespace: str, name: str) -> Outcome:
+        started = time.monotonic()
+        ftj: dict[str, Any] | None = None
+        result = "error"
+        try:
+            with self._lock(namespace, name):
+                ftj = self.api.get_ftj(namespace, name)
+                if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+                    result = "gone"
+                    return Outcome()
+                outcome = self._reconcile(ftj)
+                result = "requeue" if outcome.retry_after else "ok"
+                return outcome
+        finally:
+            for observer in self.observers:
+                try:
+                    observer(ftj or {}, (ftj or {}).get("status"), result, time.monotonic() - started)
+                except Exception:  # a metrics bug must never break reconciling
+                    log.exception("status observer failed")
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _reconcile(self, ftj: dict[str, Any]) -> Outcome:
+        meta = ftj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        old = ftj.get("status") or {}
+        outcome = Outcome()
+        now = self.clock()
+
+        job = self.api.get_job(namespace, builders.job_name(name))
+        if job is not None and not _owned_by(job, ftj):
+            raise OwnershipConflict(f"Job {job['metadata']['name']} exists and is not owned by this FineTuneJob")
+        configmap = self.api.get_configmap(namespace, builders.configmap_name(name))
+        if configmap is not None and not _owned_by(configmap, ftj):
+            raise OwnershipConflict(f"ConfigMap {configmap['metadata']['name']} exists and is not owned by this "
+                                    "FineTuneJob")
+
+        # The spec the run started with is the one in its ConfigMap; later changes (other than the mutable fields)
+        # are refused, and a Job recreated on resume uses the started spec.
+        started_spec = _spec_in(configmap)
+        live_spec = builders.normalized(ftj)["spec"]
+        changed = status_mod.spec_changes(started_spec, live_spec)
+        effective = dict(ftj)
+        if started_spec is not None:
+            effective["spec"] = {**started_spec,
+                                 **{k: v for k, v in live_spec.items() if k in status_mod.MUTABLE_SPEC_FIELDS}}
+            for key in status_mod.MUTABLE_SPEC_FIELDS - set(live_spec):
+                effective["spec"].pop(key, None)
+
+        finished = old.get("phase") in FINISHED_PHASES or status_mod.job_finished(job)
+        if not finished:
+            if effective["spec"].get("suspend"):
+                if job is not None and not job["metadata"].get("deletionTimestamp"):
+                    self.api.delete_job(namespace, job["metadata"]["name"], job["metadata"]["uid"])
+                    outcome.actions.append("deleted Job (suspend)")
+                    job = self.api.get_job(namespace, builders.job_name(name))
+            elif job is None:
+                if configmap is None:
+                    configmap = self._create(self.api.create_configmap, builders.build_configmap(ftj, self.settings),
+                                             self.api.get_configmap)
+                    outcome.actions.append("created ConfigMap")
+                job = self._create(self.api.create_job, builders.build_job(effective, self.settings),
+                                   self.api.get_job)
+                outcome.actions.append("created Job")
+            elif job["metadata"].get("deletionTimestamp"):
+                # Resumed while the suspended Job's pod is still stopping: create the new Job once it is gone.
+                outcome.retry_after = 1.0
+
+        if job is not None and not job["metadata"].get("deletionTimestamp"):
+            pods = self.api.list_pods(namespace, f"controller-uid={job['metadata']['uid']}")
+        else:
+            pods = self.api.list_pods(namespace, f"{builders.LABEL_FTJ}={builders.label_value(name)}")
+            pods = [p for p in pods if (p["metadata"].get("annotations") or {}).get(builders.ANNOTATION_FTJ) == name]
+        live = {**ftj, "spec": effective["spec"]}
+        new_status = status_mod.derive_status(live, job, pods, now, changed)
+        for enrich in self.enrichers:
+            try:
+                new_status = enrich(ftj, job, pods, new_status) or new_status
+            except Exception:  # progress is best effort; the phase must still be written
+                log.exception("status enricher failed for %s/%s", namespace, name)
+        outcome.phase = new_status["phase"]
+
+        if _differs(old, new_status):
+            self.api.patch_ftj_status(namespace, name, new_status)
+            ftj["status"] = {**old, **new_status}
+        if new_status["phase"] != old.get("phase"):
+            kind = "Warning" if new_status["phase"] in WARNING_PHASES else "Normal"
+            self.api.post_event(ftj, kind, new_status["phase"], _event_message(new_status))
+        if changed and not _has_true(old, status_mod.SPEC_LOCKED):
+            self.api.post_event(ftj, "Warning", "SpecChangeRefused", _condition_message(new_status, "SpecLocked"))
+
+        if new_status["phase"] in FINISHED_PHASES:
+            self._expire(ftj, new_status, effective["spec"], now, outcome)
+        return outcome
+
+    def _expire(self, ftj: dict[str, Any], status: dict[str, Any], spec: dict[str, Any], now: datetime,
+                outcome: Outcome) -> None:
+        ttl = spec.get("ttlSecondsAfterFinished")
+        done = status_mod.parse_time(status.get("completionTime"))
+        if ttl is None or done is None:
+            return
+        left = (done + timedelta(seconds=ttl) - now).total_seconds()
+        meta = ftj["metadata"]
+        if left <= 0:
+            # The FineTuneJob goes, and its Job, Pods and ConfigMap with it (ownerReferences): nothing remains
+            # that could be recreated (Kubeflow #2991 deleted only the child and recreated it forever).
+            self.api.post_event(ftj, "Normal", "Expired", f"deleting the finished FineTuneJob: "
+                                                          f"ttlSecondsAfterFinished ({ttl}s) elapsed")
+            self.api.delete_ftj(meta["namespace"], meta["name"], meta["uid"])
+            outcome.actions.append("deleted FineTuneJob (TTL)")
+        else:
+            outcome.retry_after = left
+
+    def _create(self, create, body: dict[str, Any], read) -> dict[str, Any]:
+        try:
+            return create(body)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            # Created by an earlier attempt whose answer was lost: use it (its ownership was checked above).
+            existing = read(body["metadata"]["namespace"], body["metadata"]["name"])
+            if existing is None:
+                raise
+            return existing
+
+
+class OwnershipConflict(RuntimeError):
+    """A child name this FineTuneJob needs is taken by an object it does not own."""
+
+
+def _owned_by(obj: dict[str, Any], ftj: dict[str, Any]) -> bool:
+    return any(ref.get("uid") == ftj["metadata"]["uid"] for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def _spec_in(configmap: dict[str, Any] | None) -> dict[str, Any] | None:
+    if configmap is None:
+        return None
+    text = (configmap.get("data") or {}).get(contract.CONFIG_FILE_NAME)
+    return (yaml.safe_load(text) or {}).get("spec") if text else None
+
+
+def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return any(old.get(key) != value for key, value in new.items())
+
+
+def _has_true(status: dict[str, Any], kind: str) -> bool:
+    return any(c.get("type") == kind and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def _condition_message(status: dict[str, Any], kind: str) -> str:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond.get("message") or ""
+    return ""
+
+
+def _event_message(status: dict[str, Any]) -> str:
+    reason = next((c.get("reason") for c in status["conditions"] if c["type"] == status["phase"]), None) \
+        or next((c.get("reason") for c in status["conditions"] if c["type"] == "Running"), "")
+    return f"{status['phase']} ({reason}): {status.get('message') or ''}"

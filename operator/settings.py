@@ -1,0 +1,115 @@
+"""Operator settings: read once (env, CLI) at startup and passed into builders and the reconciler.
+
+Builders never read the environment themselves; a test builds an `OperatorSettings(...)` by hand.
+Every setting has an env var `KUBESLOTH_OPERATOR_<NAME>` (the chart sets them on the Deployment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from kubesloth.api import contract
+
+ENV_PREFIX = "KUBESLOTH_OPERATOR_"
+DEFAULT_GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+class SettingsError(ValueError):
+    """A setting has a value the operator cannot use (the message names the env var)."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    trainer_image: str = "ghcr.io/kubesloth/trainer:0.1.0"
+    trainer_command: tuple[str, ...] = ("python", "-m", "kubesloth.trainer")
+    image_pull_policy: str = "IfNotPresent"
+    metrics_port: int = contract.METRICS_PORT  # the trainer pod's Prometheus port (0: off)
+    # Added to every pod; a FineTuneJob's own tolerations come after these.
+    default_tolerations: tuple[dict[str, Any], ...] = (DEFAULT_GPU_TOLERATION,)
+    default_node_selector: Mapping[str, str] = field(default_factory=dict)
+    # Empty: every namespace.
+    namespaces: tuple[str, ...] = ()
+    engine: str = "auto"
+    run_as_user: int = 1000
+    service_account_name: str | None = None
+    # Extra env for the trainer container (e.g. HF_HUB_OFFLINE=1 on an air-gapped cluster).
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Periodic re-derivation of every FineTuneJob's status (pods change without the FineTuneJob changing; TTLs).
+    resync_seconds: float = 10.0
+    # Bounded retries of the FineTuneJob handlers, with backoff.
+    handler_retries: int = 8
+    handler_backoff_seconds: float = 2.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorSettings":
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+
+        def get(name: str) -> str | None:
+            value = env.get(ENV_PREFIX + name)
+            return value if value not in (None, "") else None
+
+        def number(name: str, kind: type, minimum: float) -> Any:
+            raw = get(name)
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{ENV_PREFIX}{name}={raw!r}: expected a {kind.__name__} >= {minimum}") from None
+            if value < minimum:
+                raise SettingsError(f"{ENV_PREFIX}{name}={raw!r}: expected a {kind.__name__} >= {minimum}")
+            return value
+
+        def json_value(name: str, kind: type) -> Any:
+            raw = get(name)
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise SettingsError(f"{ENV_PREFIX}{name}: not valid JSON ({err})") from None
+            if not isinstance(value, kind):
+                raise SettingsError(f"{ENV_PREFIX}{name}: expected a JSON {kind.__name__}")
+            return value
+
+        if get("TRAINER_IMAGE"):
+            values["trainer_image"] = get("TRAINER_IMAGE")
+        if get("TRAINER_COMMAND"):
+            values["trainer_command"] = tuple(shlex.split(get("TRAINER_COMMAND")))
+        if get("IMAGE_PULL_POLICY"):
+            policy = get("IMAGE_PULL_POLICY")
+            if policy not in ("Always", "IfNotPresent", "Never"):
+                raise SettingsError(f"{ENV_PREFIX}IMAGE_PULL_POLICY={policy!r}: expected Always, IfNotPresent "
+                                    "or Never")
+            values["image_pull_policy"] = policy
+        if get("TRAINER_METRICS_PORT"):
+            values["metrics_port"] = number("TRAINER_METRICS_PORT", int, 0)
+        if get("DEFAULT_TOLERATIONS"):
+            tolerations = json_value("DEFAULT_TOLERATIONS", list)
+            if not all(isinstance(item, dict) for item in tolerations):
+                raise SettingsError(f"{ENV_PREFIX}DEFAULT_TOLERATIONS: expected a JSON list of objects")
+            values["default_tolerations"] = tuple(tolerations)
+        if get("DEFAULT_NODE_SELECTOR"):
+            values["default_node_selector"] = {str(k): str(v) for k, v in
+                                               json_value("DEFAULT_NODE_SELECTOR", dict).items()}
+        if get("NAMESPACES"):
+            values["namespaces"] = tuple(ns.strip() for ns in get("NAMESPACES").split(",") if ns.strip())
+        if get("ENGINE"):
+            engine = get("ENGINE")
+            if engine not in ("auto", "unsloth", "cpu"):
+                raise SettingsError(f"{ENV_PREFIX}ENGINE={engine!r}: expected auto, unsloth or cpu")
+            values["engine"] = engine
+        if get("RUN_AS_USER"):
+            values["run_as_user"] = number("RUN_AS_USER", int, 1)
+        if get("SERVICE_ACCOUNT_NAME"):
+            values["service_account_name"] = get("SERVICE_ACCOUNT_NAME")
+        if get("EXTRA_ENV"):
+            values["extra_env"] = {str(k): str(v) for k, v in json_value("EXTRA_ENV", dict).items()}
+        if get("RESYNC_SECONDS"):
+            values["resync_seconds"] = number("RESYNC_SECONDS", float, 0.5)
+        if get("HANDLER_RETRIES"):
+            values["handler_retries"] = number("HANDLER_RETRIES", int, 0)
+        if get("HANDLER_BACKOFF_SECONDS"):
+            values["handler_backoff_seconds"] = number("HANDLER_BACKOFF_SECONDS", float, 0.1)
+        return cls(**values)

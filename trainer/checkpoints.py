@@ -112,6 +112,10 @@ class CheckpointManager:
         _fsync_tree(staging)
         os.rename(staging, final)
         _fsync_dir(self.root)
+        try:
+            self.staging_root.rmdir()  # only when empty
+        except OSError:
+            pass
         marker = final / COMPLETE_MARKER
         with marker.open("w") as handle:
             handle.write(json.dumps({"step": step, "time": time.time()}) + "\n")

@@ -90,6 +90,8 @@ def pod_failure(pod: dict[str, Any]) -> tuple[str, str] | None:
         reason = EXIT_REASONS[ExitCode(code)]
     except ValueError:
         reason = "TrainerError"
+    if said.startswith(f"{reason}: "):  # the trainer may lead with its own reason: do not say it twice
+        said = said[len(reason) + 2:]
     return reason, f"trainer exited {code} ({reason})" + (f": {said}" if said else "")
 
 

@@ -59,12 +59,24 @@ def now_rfc3339() -> str:
 
 
 def rewrite_path(value: str, mounts: list[tuple[str, Path]]) -> str:
-    """A value that is a mount path or lies under one, rewritten to the local folder (longest mount first)."""
+    """A value that is a mount path or lies under one, rewritten to the local folder (longest mount first).
+
+    A parent of mount paths is rewritten too when every mount under it maps to the same local parent: with
+    /mnt/pvc/models -> VOLUMES/models and /mnt/pvc/data -> VOLUMES/data, a root like /mnt/pvc becomes VOLUMES.
+    """
     for mount_path, local in mounts:
         if value == mount_path:
             return str(local)
         if value.startswith(mount_path.rstrip("/") + "/"):
             return str(local) + value[len(mount_path.rstrip("/")):]
+    if value.startswith("/") and len(value) > 1:
+        prefix = value.rstrip("/") + "/"
+        parents = {str(local)[: len(str(local)) - len(path) + len(prefix) - 1]
+                   for path, local in mounts if path.startswith(prefix) and str(local).endswith(path[len(prefix) - 1:])}
+        below = [path for path, _ in mounts if path.startswith(prefix)]
+        if below and len(parents) == 1 and all(
+                str(local).endswith(path[len(prefix) - 1:]) for path, local in mounts if path.startswith(prefix)):
+            return parents.pop()
     return value
 
 

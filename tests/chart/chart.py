@@ -28,6 +28,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "trainer": {"image": {"repository": "registry.example.com/ml/kubesloth-trainer", "tag": "0.1.0-cu128"},
                     "imagePullSecrets": [{"name": "trainer-pull"}]},
         "gpuPrices": {"NVIDIA-L40S": 0.99, "NVIDIA-H100-80GB-HBM3": 2.5},
+        "defaultGpuHourlyPrice": 0.25,
     },
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
 }

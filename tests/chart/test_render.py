@@ -16,6 +16,8 @@ import yaml
 
 from kubesloth.api import crd as crd_module
 from kubesloth.operator import builders
+from kubesloth.operator import metrics as operator_metrics, progress
+from kubesloth.operator.progress import PriceTable
 from kubesloth.operator.settings import OperatorSettings
 
 from .chart import CHART_DIR, RELEASE_NAMESPACE, VALUE_SETS, chart_crds, render
@@ -214,18 +216,19 @@ def test_operator_settings_come_from_the_chart(rendered):
     assert settings.metrics_port == 9400
     if hasattr(settings, "image_pull_secrets"):
         assert list(settings.image_pull_secrets) in (["trainer-pull"], [{"name": "trainer-pull"}])
-    if hasattr(settings, "gpu_prices"):
-        assert dict(settings.gpu_prices) == EXPECTED_PRICES
+    prices = PriceTable.from_env(out.operator_env())
+    assert dict(prices.prices) == EXPECTED_PRICES and prices.default == 0.25
+    assert prices.price("nvidia-l40s") == 0.99 and prices.price("NVIDIA-B200") == 0.25
     # Every KUBESLOTH_OPERATOR_* variable the chart sets is one the settings know: none silently ignored.
-    known = {f.upper() for f in OperatorSettings.__dataclass_fields__}
+    known = {"KUBESLOTH_OPERATOR_" + name.upper() for name in OperatorSettings.__dataclass_fields__}
+    known |= {"KUBESLOTH_OPERATOR_DEFAULT_TOLERATIONS", "KUBESLOTH_OPERATOR_METRICS_PORT",
+              "KUBESLOTH_OPERATOR_IMAGE_PULL_POLICY"}  # fields spelt differently (settings.from_env)
+    known |= {operator_metrics.PORT_ENV, progress.PRICES_ENV, progress.DEFAULT_PRICE_ENV}
+    assert operator_metrics.settings_from_env(out.operator_env())[1] == out.values.get("operator", {}).get(
+        "metricsPort", 9090)
     for name in out.operator_env():
-        if name.startswith("KUBESLOTH_OPERATOR_"):
-            field = name.removeprefix("KUBESLOTH_OPERATOR_")
-            assert field in known or field in _ENV_ALIASES, f"the operator does not read {name}"
-
-
-# Env names whose settings field is spelt differently.
-_ENV_ALIASES = {"DEFAULT_TOLERATIONS", "IMAGE_PULL_POLICY", "METRICS_PORT"}
+        if name.startswith("KUBESLOTH_"):
+            assert name in known, f"the chart sets {name} but the operator does not read it"
 
 
 # Helm merges a user's gpuPrices into the chart's table: overrides win, other products keep the chart's price
@@ -237,7 +240,7 @@ EXPECTED_PRICES = {**yaml.safe_load((CHART_DIR / "values.yaml").read_text())["gp
 def test_gpu_price_table_and_trainer_image_reach_the_operator(rendered):
     out = rendered("integrations")
     env = out.operator_env()
-    assert json.loads(env["KUBESLOTH_OPERATOR_GPU_PRICES"]) == EXPECTED_PRICES
+    assert json.loads(env["KUBESLOTH_GPU_PRICES"]) == EXPECTED_PRICES
     assert json.loads(env["KUBESLOTH_OPERATOR_IMAGE_PULL_SECRETS"]) == [{"name": "trainer-pull"}]
     assert out.deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "operator-pull"}]
     # A new price table restarts the operator on upgrade (the pod template's checksum changes).
@@ -257,25 +260,24 @@ def _rules(role: dict) -> dict[tuple[str, str], set[str]]:
     return rules
 
 
-NAMESPACED_NEEDS = {
-    ("kubesloth.io", "finetunejobs"): {"get", "list", "watch", "patch"},
-    ("kubesloth.io", "finetunejobs/status"): {"get", "patch"},
+# Exactly what the operator calls (operator/kube.py, kopf's watches, annotations and events); the install test
+# proves it is enough, this pins it so nothing creeps in.
+NAMESPACED_RULES = {
+    ("kubesloth.io", "finetunejobs"): {"get", "list", "watch", "patch", "delete"},
+    ("kubesloth.io", "finetunejobs/status"): {"patch"},
     ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods"): {"list", "watch"},
     ("", "configmaps"): {"create", "get"},
     ("", "events"): {"create"},
 }
+CLUSTER_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 
 
 def test_cluster_wide_rbac(rendered):
     out = rendered("defaults")
     assert out.kinds("Role") == [] and out.kinds("RoleBinding") == []
     role = out.one("ClusterRole")
-    rules = _rules(role)
-    for key, verbs in NAMESPACED_NEEDS.items():
-        assert verbs <= rules[key], key
-    assert rules[("", "namespaces")] == {"list", "watch"}
-    assert rules[("apiextensions.k8s.io", "customresourcedefinitions")] == {"get", "list", "watch"}
+    assert _rules(role) == {**NAMESPACED_RULES, **CLUSTER_RULES}
     binding = out.one("ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": out.one("ServiceAccount")["metadata"]["name"],
@@ -290,14 +292,15 @@ def test_namespaced_rbac(rendered):
     bindings = {b["metadata"]["namespace"]: b for b in out.kinds("RoleBinding")}
     assert sorted(roles) == sorted(bindings) == ["team-a", "team-b"]
     for namespace, role in roles.items():
-        rules = _rules(role)
-        for key, verbs in NAMESPACED_NEEDS.items():
-            assert verbs <= rules[key], (namespace, key)
+        assert _rules(role) == NAMESPACED_RULES, namespace
         assert bindings[namespace]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                                   "name": role["metadata"]["name"]}
-    # Cluster-wide, only what cannot be namespaced: reading CRDs. No namespaces, no FineTuneJobs anywhere else.
-    assert set(_rules(out.one("ClusterRole"))) == {("apiextensions.k8s.io", "customresourcedefinitions")}
+    # Cluster-wide, only what cannot be namespaced: reading CRDs and namespace names (kopf follows the listed
+    # namespaces). No FineTuneJobs, Jobs or pods anywhere else.
+    assert _rules(out.one("ClusterRole")) == {**CLUSTER_RULES, ("", "namespaces"): {"list", "watch"}}
     assert sorted(_arg(out.container, "--namespace")) == ["team-a", "team-b"]
+    # The operator's own resync lists only these namespaces too.
+    assert OperatorSettings.from_env(out.operator_env()).namespaces == ("team-a", "team-b")
     assert "--all-namespaces" not in out.container["args"]
     assert "team-a" in out.notes and "team-b" in out.notes
 

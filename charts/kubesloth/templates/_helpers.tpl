@@ -51,31 +51,39 @@ app.kubernetes.io/component: operator
 {{- if not .Values.watchNamespaces -}}true{{- end -}}
 {{- end -}}
 
-{{/* Rules for the namespaced objects the operator touches (a ClusterRole's or each watched namespace's Role). */}}
+{{/*
+Rules for the namespaced objects the operator touches (a ClusterRole's or each watched namespace's Role): exactly
+the calls in operator/kube.py plus kopf's own (watch, annotations patch, warning events).
+*/}}
 {{- define "kubesloth.namespacedRules" }}
+  # kopf watches them and keeps its bookkeeping in annotations (patch); the reconciler reads them, and deletes a
+  # finished one when its ttlSecondsAfterFinished has passed.
   - apiGroups: [kubesloth.io]
     resources: [finetunejobs]
-    verbs: [get, list, watch, patch]
+    verbs: [get, list, watch, patch, delete]
   - apiGroups: [kubesloth.io]
     resources: [finetunejobs/status]
-    verbs: [get, patch, update]
+    verbs: [patch]
+  # One Job per FineTuneJob; deleted to suspend or restart it.
   - apiGroups: [batch]
     resources: [jobs]
-    verbs: [create, get, list, watch, delete, patch]
+    verbs: [create, get, list, watch, delete]
+  # Phase, exit codes and the pod IP whose metrics give progress (scraped directly, no pods/proxy).
   - apiGroups: [""]
     resources: [pods]
-    verbs: [get, list, watch]
+    verbs: [list, watch]
+  # The FineTuneJob spec the trainer pod mounts.
   - apiGroups: [""]
     resources: [configmaps]
-    verbs: [create, get, list, watch, delete, patch]
-  - apiGroups: ["", events.k8s.io]
+    verbs: [create, get]
+  - apiGroups: [""]
     resources: [events]
-    verbs: [create, patch]
+    verbs: [create]
 {{- end }}
 
-{{/* Cluster-scoped reads: kopf scans the CRDs to resolve the resources it serves. */}}
+{{/* Cluster-scoped reads: kopf watches CRDs to follow the resources it serves (cluster-scoped: a ClusterRole). */}}
 {{- define "kubesloth.clusterRules" }}
   - apiGroups: [apiextensions.k8s.io]
     resources: [customresourcedefinitions]
-    verbs: [get, list, watch]
+    verbs: [list, watch]
 {{- end }}

@@ -62,7 +62,9 @@ def trainer_env(directory: Path, **extra: str) -> dict[str, str]:
     env.update({"KUBESLOTH_ENGINE": "cpu", "KUBESLOTH_METRICS_PORT": "0", "CUDA_VISIBLE_DEVICES": "",
                 "KUBESLOTH_TERMINATION_LOG": str(directory / "termination-log"),
                 "KUBESLOTH_PVC_ROOT": str(directory / "pvc"), "HF_HUB_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                # Tiny model: threads buy nothing and contend with the rest of a parallel test run.
+                "OMP_NUM_THREADS": "1"})
     env.update(extra)
     return env
 
@@ -86,7 +88,7 @@ def trainer_command(config: Path) -> list[str]:
     return [sys.executable, "-m", "kubesloth.trainer", "--config", str(config)]
 
 
-def run_trainer(config: Path, directory: Path, timeout: float = 180, **env: str) -> TrainerRun:
+def run_trainer(config: Path, directory: Path, timeout: float = 400, **env: str) -> TrainerRun:
     proc = subprocess.run(trainer_command(config), env=trainer_env(directory, **env), cwd=directory,
                           capture_output=True, text=True, timeout=timeout)
     term = directory / "termination-log"

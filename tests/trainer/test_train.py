@@ -111,3 +111,18 @@ def test_killed_run_resumes_to_the_same_losses(straight, tiny_model, tmp_path):
         assert abs(killed_losses[step] - reference[step]) < 1e-3
     # Retention: only checkpointsToKeep complete checkpoints remain.
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000030", "step-00000040"]
+
+
+def test_resume_with_a_different_optimizer_layout_does_not_crash(straight, tiny_model, tmp_path):
+    """The failure unsloth users hit on resume ("loaded state dict contains a parameter group that doesn't
+    match the size of optimizer's group") must not happen when the optimizer differs from the checkpoint's."""
+    import shutil
+
+    source = straight[0] / "out" / CHECKPOINTS_DIR / "step-00000040"
+    target = tmp_path / "out" / CHECKPOINTS_DIR / "step-00000040"
+    shutil.copytree(source, target)
+    spec = {**RESUME_SPEC, "training": {**RESUME_SPEC["training"], "maxSteps": 44, "optimizer": "sgd"}}
+    run = run_trainer(write_job(tmp_path, tiny_model, spec), tmp_path)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "resume: optimizer changed from AdamW to SGD: optimizer state reset" in run.output
+    assert sorted(run.losses()) == [41, 42, 43, 44]

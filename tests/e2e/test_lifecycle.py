@@ -1,0 +1,118 @@
+"""Lifecycle end to end: deadline, suspend/resume, spec lock, TTL, unschedulable, operator restart.
+
+What trains does not matter here, so the operator's trainer command is tests/e2e/sleeper.py (a settings-level
+command, KUBESLOTH_OPERATOR_TRAINER_COMMAND): it reads the mounted FineTuneJob, records each start in
+<output>/starts.txt, runs spec.training.maxSteps seconds and exits 0, or 6 on SIGTERM. The real operator (kopf
+subprocess), the real node agent, the real kube-controller-manager Job controller and garbage collector.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from .conftest import SLEEPER, make_stack
+from .stack import finetunejob, wait_for
+
+
+@pytest.fixture(scope="module")
+def stack(cluster, tmp_path_factory, tiny_model):
+    stack = make_stack(cluster, tmp_path_factory, tiny_model, {"KUBESLOTH_OPERATOR_TRAINER_COMMAND": SLEEPER})
+    yield stack
+    stack.stop()
+
+
+def starts(stack, name: str) -> list[str]:
+    path = stack.volumes / "outputs" / name / "starts.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_deadline_exceeded(stack, k8s):
+    name = "deadline"
+    k8s.apply(finetunejob(name, training={"maxSteps": 3600}, activeDeadlineSeconds=3))
+    wait_for("Running", lambda: k8s.phase(name) == "Running", timeout=30)
+    wait_for("Failed", lambda: k8s.phase(name) == "Failed", timeout=60)
+    failed = k8s.condition(name, "Failed")
+    assert failed["reason"] == "DeadlineExceeded" and "activeDeadlineSeconds (3s)" in failed["message"]
+    # The Job controller deleted the running pod; the node agent stopped the process and removed the pod.
+    wait_for("the pod gone", lambda: not k8s.pods(name), timeout=60)
+    assert len(starts(stack, name)) == 1
+
+
+def test_suspend_stops_the_pod_and_resume_runs_again_spec_changes_are_refused(stack, k8s):
+    name = "suspend"
+    k8s.apply(finetunejob(name, training={"maxSteps": 3600}))
+    wait_for("Running", lambda: k8s.phase(name) == "Running", timeout=30)
+    first_pod = k8s.status(name)["podName"]
+
+    k8s.patch_spec(name, {"suspend": True})
+    wait_for("Suspended with the pod gone", lambda: k8s.phase(name) == "Suspended" and not k8s.pods(name)
+             and not k8s.get("job", f"{name}-trainer"), timeout=60)
+    suspended = k8s.condition(name, "Suspended")
+    assert suspended["status"] == "True" and suspended["reason"] == "Suspended"
+    assert k8s.condition(name, "Running")["status"] == "False"
+    assert k8s.get("configmap", f"{name}-config")  # kept: the resumed run uses the spec it started with
+
+    # A locked field changed while suspended: refused, reported, not applied.
+    k8s.patch_spec(name, {"training": {"learningRate": 0.5}})
+    locked = wait_for("SpecLocked", lambda: k8s.condition(name, "SpecLocked"), timeout=30)
+    assert locked["status"] == "True" and locked["reason"] == "SpecChangeRefused"
+    assert "spec.training.learningRate" in locked["message"]
+    assert any(e["reason"] == "SpecChangeRefused" and e["type"] == "Warning" for e in k8s.events(name))
+
+    k8s.patch_spec(name, {"suspend": False})
+    wait_for("Running again", lambda: k8s.phase(name) == "Running", timeout=60)
+    assert k8s.status(name)["podName"] != first_pod
+    wait_for("a second start", lambda: len(starts(stack, name)) == 2, timeout=30)
+    job = k8s.get("job", f"{name}-trainer")
+    configmap = k8s.get("configmap", f"{name}-config")
+    assert "learningRate: 0.003" in configmap["data"]["finetunejob.yaml"]  # the started spec, not 0.5
+    assert job["metadata"]["ownerReferences"][0]["name"] == name
+    reasons = [e["reason"] for e in k8s.events(name)]
+    assert reasons.count("Suspended") == 1 and reasons.count("Running") == 2, reasons
+
+
+def test_ttl_deletes_the_finished_job_once_and_nothing_is_recreated(stack, k8s):
+    name = "ttl"
+    k8s.apply(finetunejob(name, training={"maxSteps": 1}, ttlSecondsAfterFinished=2))
+    wait_for("Succeeded", lambda: k8s.phase(name) == "Succeeded", timeout=60)
+    wait_for("the FineTuneJob deleted", lambda: k8s.get("ftj", name) is None, timeout=30)
+    wait_for("its Job and ConfigMap collected", lambda: not k8s.get("job", f"{name}-trainer")
+             and not k8s.get("configmap", f"{name}-config"), timeout=60)
+    time.sleep(5)  # more than two resync rounds of the operator
+    assert k8s.get("ftj", name) is None and k8s.get("job", f"{name}-trainer") is None
+    assert not k8s.pods(name)
+    assert len(starts(stack, name)) == 1
+
+
+def test_a_pod_that_fits_no_node_is_unschedulable(stack, k8s):
+    name = "nofit"
+    k8s.apply(finetunejob(name, resources={"gpuProduct": "NVIDIA-H100-80GB-HBM3"}))
+    wait_for("Unschedulable", lambda: (k8s.condition(name, "Running") or {}).get("reason") == "Unschedulable",
+             timeout=30)
+    assert k8s.phase(name) == "Pending"
+    assert "didn't match node selector" in k8s.condition(name, "Running")["message"]
+    k8s.kubectl("delete", "ftj", name, "-n", k8s.namespace)
+
+
+def test_operator_killed_mid_run_and_restarted_makes_no_second_job(stack, k8s):
+    name = "restart"
+    k8s.apply(finetunejob(name, training={"maxSteps": 6}))
+    wait_for("Running", lambda: k8s.phase(name) == "Running", timeout=30)
+    job_uid = k8s.get("job", f"{name}-trainer")["metadata"]["uid"]
+
+    stack.operator.stop(signal.SIGKILL)
+    # While the operator is down the trainer finishes; nobody updates the status.
+    wait_for("the Job complete", lambda: any(c["type"] == "Complete" and c["status"] == "True" for c in
+             (k8s.get("job", f"{name}-trainer")["status"].get("conditions") or [])), timeout=60)
+    assert k8s.phase(name) == "Running"
+
+    stack.start_operator()
+    wait_for("Succeeded after the restart", lambda: k8s.phase(name) == "Succeeded", timeout=60)
+    jobs = k8s.list("jobs", f"kubesloth.io/finetunejob={name}")
+    assert [j["metadata"]["uid"] for j in jobs] == [job_uid]
+    assert len(starts(stack, name)) == 1
+    reasons = [e["reason"] for e in k8s.events(name)]
+    assert reasons.count("Running") == 1 and reasons.count("Succeeded") == 1, reasons

@@ -30,6 +30,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print(f"control plane up: {cluster.info()['server']}")
         print(f"export KUBECONFIG={cluster.kubeconfig}")
     elif args.action == "down":
+        from kubesloth.local.demo import Background
+
+        Background(cluster.state_dir.parent).stop_all()  # an operator/node agent a `demo --keep` left running
         cluster.down()
         print("control plane stopped")
     elif args.action == "env":

@@ -1,14 +1,29 @@
-"""README command 1: a FineTuneJob end to end on the local control plane."""
+"""README command 1: a FineTuneJob end to end on the local control plane.
+
+Brings the control plane up, installs the CRD, starts the operator and the node agent as subprocesses (logs in
+.kubesloth/logs/), puts the tiny model and the bundled data where the example's pvc:// claims point
+(.kubesloth/volumes/<claim>), applies the example, waits for Succeeded or Failed, prints `kubectl get ftj -o wide`
+and where the model was written. Everything is stopped afterwards unless --keep.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from kubesloth.local.cluster import REPO_ROOT, LocalCluster
+import yaml
+
+from kubesloth.api import contract
+from kubesloth.local.cluster import REPO_ROOT, LocalCluster, _alive
 
 CRD_FILE = REPO_ROOT / "crds" / "kubesloth.io_finetunejobs.yaml"
+DATA_FILE = REPO_ROOT / "examples" / "data" / "alpaca-tiny.jsonl"
 
 
 def kubectl(cluster: LocalCluster, *args: str, check: bool = True, capture: bool = False
@@ -23,20 +38,139 @@ def install_crd(cluster: LocalCluster) -> None:
             "crd/finetunejobs.kubesloth.io")
 
 
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+class Background:
+    """The operator and node agent processes; their pids are kept in a file so a later run (or --keep) can stop
+    them: two operators on one control plane would fight over every object."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.pid_file = root / "demo-pids.json"
+        self.logs = root / "logs"
+
+    def stop_leftovers(self) -> None:
+        if not self.pid_file.exists():
+            return
+        for name, pid in json.loads(self.pid_file.read_text()).items():
+            if _alive(pid):
+                say(f"stopping the {name} left by an earlier run (pid {pid})")
+                _stop_group(pid)
+        self.pid_file.unlink()
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=REPO_ROOT, start_new_session=True)
+        pids = json.loads(self.pid_file.read_text()) if self.pid_file.exists() else {}
+        pids[name] = proc.pid
+        self.pid_file.write_text(json.dumps(pids))
+        return proc
+
+    def stop_all(self) -> None:
+        if not self.pid_file.exists():
+            return
+        for pid in json.loads(self.pid_file.read_text()).values():
+            _stop_group(pid)
+        self.pid_file.unlink()
+
+
+def _stop_group(pid: int, grace: float = 15.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def prepare_volumes(volumes: Path, spec: dict) -> Path:
+    """The tiny model and the data where the example's claims point; a fresh output folder (no resume)."""
+    model = volumes / "models" / "tiny-llama"
+    if not (model / "config.json").exists():
+        say(f"making the tiny model in {model}")
+        subprocess.run([sys.executable, "-m", "kubesloth.trainer.tiny", "--out", str(model)], check=True)
+    (volumes / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA_FILE, volumes / "data" / DATA_FILE.name)
+    destination = spec["output"]["destination"]
+    if not destination.startswith("pvc://"):
+        raise SystemExit(f"the demo maps pvc:// destinations to local folders; got {destination}")
+    output = volumes / destination[len("pvc://"):]
+    if output.exists():
+        shutil.rmtree(output)
+    return output
+
+
+def wait_for_outcome(cluster: LocalCluster, name: str, namespace: str, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        proc = kubectl(cluster, "get", "ftj", name, "-n", namespace, "-o", "json", check=False, capture=True)
+        if proc.returncode == 0:
+            status = json.loads(proc.stdout).get("status") or {}
+            phase = status.get("phase")
+            progress = (status.get("progress") or {}).get("display")
+            line = (f"{phase} {progress or ''} {status.get('message') or ''}".strip() if phase
+                    else "waiting for the operator")
+            if line != last:
+                say(line)
+                last = line
+            if phase in ("Succeeded", "Failed"):
+                return phase
+        time.sleep(2)
+    return None
+
+
 def run_demo(state_dir: Path, example: Path, timeout: float = 600.0, keep: bool = False) -> int:
     cluster = LocalCluster(state_dir)
-    print(f"[demo] starting the local control plane in {cluster.state_dir}", flush=True)
+    root = cluster.state_dir.parent  # .kubesloth/
+    volumes = root / "volumes"
+    background = Background(root)
+    background.stop_leftovers()
+    body = yaml.safe_load(Path(example).read_text())
+    name = body["metadata"]["name"]
+    namespace = body["metadata"].get("namespace", "default")
+
+    say(f"starting the local control plane in {cluster.state_dir}")
     cluster.up()
+    ok = False
     try:
         install_crd(cluster)
+        output = prepare_volumes(volumes, body["spec"])
+        env = cluster.env()
+        background.start("nodeagent", [sys.executable, "-m", "kubesloth.cli", "dev", "nodeagent",
+                                       "--work-dir", str(root / "nodeagent"), "--volumes-root", str(volumes)], env)
+        background.start("operator", [sys.executable, "-m", "kubesloth.cli", "operator"], env)
+        say(f"operator and node agent started (logs in {background.logs})")
+        # A rerun starts from scratch: the old FineTuneJob (and by GC its Job) goes first.
+        kubectl(cluster, "delete", "ftj", name, "-n", namespace, "--ignore-not-found", "--wait=true")
         kubectl(cluster, "apply", "-f", str(example))
-        kubectl(cluster, "get", "ftj", "-o", "wide")
+        phase = wait_for_outcome(cluster, name, namespace, timeout)
+        kubectl(cluster, "get", "ftj", "-n", namespace, "-o", "wide")
+        if phase == "Succeeded":
+            say(f"the fine-tuned model is in {output / contract.FINAL_MODEL_DIR}")
+            ok = True
+        elif phase == "Failed":
+            say(f"the run failed; see `kubectl describe ftj {name}` and {background.logs}")
+        else:
+            say(f"no outcome after {timeout:.0f}s; see {background.logs}")
     finally:
         if keep:
-            print(f"[demo] control plane left running: export KUBECONFIG={cluster.kubeconfig}")
+            say(f"left running: export KUBECONFIG={cluster.kubeconfig}   (stop: kubesloth dev demo stops "
+                f"leftovers; `make clean` stops the control plane)")
         else:
+            background.stop_all()
             cluster.down()
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -96,6 +97,15 @@ def process_tree_rss(pgid: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def _port_free(ip: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((ip, port))
+        except OSError:
+            return False
+    return True
 
 
 class StartError(Exception):
@@ -398,7 +408,7 @@ class NodeAgent:
         container = containers[0]
         pod_dir = self._pod_dir(pod)
         pod_dir.mkdir(parents=True, exist_ok=True)
-        ip = self._allocate_ip()
+        ip = self._allocate_ip([p["containerPort"] for p in container.get("ports") or [] if p.get("containerPort")])
         try:
             volumes = self._volumes(pod, pod_dir)
             env = self._env(pod, container, ip)
@@ -462,13 +472,17 @@ class NodeAgent:
             "conditions": self._conditions(ready=True),
             "containerStatuses": [self._container_status(run, {"running": {"startedAt": started}}, ready=True)]})
 
-    def _allocate_ip(self) -> str:
+    def _allocate_ip(self, ports: list[int]) -> str:
+        """A loopback address no running pod has, where the pod's declared ports are free: every pod shares this
+        machine's network, so another process on 127.0.0.2:9400 would make the trainer's metrics bind fail."""
         taken = {run.ip for run in self.running.values()}
-        for n in range(2, 255):
-            ip = f"127.0.0.{n}"
-            if ip not in taken:
+        candidates = [f"127.0.0.{n}" for n in range(2, 255) if f"127.0.0.{n}" not in taken]
+        if not candidates:
+            raise RuntimeError("no free loopback address")
+        for ip in candidates:
+            if all(_port_free(ip, port) for port in ports):
                 return ip
-        raise RuntimeError("no free loopback address")
+        return candidates[0]  # a wildcard bind holds the port everywhere: start anyway, the pod reports it
 
     @staticmethod
     def _conditions(ready: bool) -> list[dict[str, Any]]:

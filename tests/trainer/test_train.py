@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from kubesloth.api.contract import CHECKPOINTS_DIR, COMPLETE_MARKER, FINAL_MODEL_DIR, SUMMARY_FILE
 
-from .conftest import TrainerRun, run_trainer, trainer_command, trainer_env, write_job
+from .conftest import ALPACA_TINY, TrainerRun, run_trainer, trainer_command, trainer_env, write_job
 
 # Warm-up + linear decay + accumulation: the scheduler, the optimizer and the data position must all resume.
 RESUME_SPEC = {"training": {"maxSteps": 40, "perDeviceBatchSize": 4, "gradientAccumulationSteps": 2,
@@ -126,3 +126,22 @@ def test_resume_with_a_different_optimizer_layout_does_not_crash(straight, tiny_
     assert run.returncode == 0, run.output[-3000:]
     assert "resume: optimizer changed from AdamW to SGD: optimizer state reset" in run.output
     assert sorted(run.losses()) == [41, 42, 43, 44]
+
+
+def test_lean_profile_with_chat_data_and_packing_on_cpu(tiny_model, tmp_path):
+    """The lean preset's GPU-only choices are mapped on CPU (and logged); chat data through the tokenizer's
+    template, packed rows, gradient checkpointing on: trains and saves."""
+    records = [json.loads(line) for line in open(ALPACA_TINY)][:160]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"{r['instruction']} {r.get('input', '')}".strip()},
+        {"role": "assistant", "content": r["output"]}]}) + "\n" for r in records))
+    spec = {"dataset": {"format": "chat", "packing": True},
+            "training": {"profile": "lean", "maxSteps": 8, "learningRate": 3.0e-3, "loggingSteps": 2}}
+    run = run_trainer(write_job(tmp_path, tiny_model, spec, dataset=chat), tmp_path)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "optimizer paged_adamw_8bit needs a GPU (bitsandbytes): using adamw_torch on CPU" in run.output
+    assert "checkpointing true" in run.output and "packing True" in run.output
+    assert "160 examples in" in run.output and "160 examples in 160 rows" not in run.output
+    losses = run.losses()
+    assert sorted(losses) == [2, 4, 6, 8] and losses[8] < losses[2]

@@ -252,11 +252,18 @@ def observe_reconcile(ftj: Mapping[str, Any], status: Mapping[str, Any] | None, 
                               result, seconds)
 
 
+_SERVED: tuple | None = None
+
+
 def serve_from_env(env: Mapping[str, str] | None = None, port: int | None = None):
     """Start METRICS' endpoint where KUBESLOTH_OPERATOR_PROMETHEUS_ADDR/PORT say (`port` overrides, e.g. from a
-    --metrics-port flag); None when the port is 0."""
+    flag); None when the port is 0. Idempotent: a second call (kopf re-running startup) keeps the first server."""
+    global _SERVED
+    if _SERVED is not None:
+        return _SERVED
     addr, env_port = settings_from_env(env)
     port = env_port if port is None else port
     if port == 0:
         return None
-    return METRICS.serve(port, addr)
+    _SERVED = METRICS.serve(port, addr)
+    return _SERVED

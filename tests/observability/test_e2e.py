@@ -1,0 +1,302 @@
+"""End to end on the local control plane: the real operator (kopf, as `kubesloth operator`), the node agent
+running the real CPU trainer as a local process on 127.0.0.N, and Debian's Prometheus scraping both.
+
+One module-scoped run (a failing job, then a tiny training of a few hundred steps) feeds every test here:
+Prometheus sees the series with sane values, status.progress moves while the job runs, both endpoints pass
+`promtool check metrics`, every dashboard query returns data, and a finished job's per-job series go away.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubesloth.api import contract
+from kubesloth.local.cluster import REPO_ROOT, free_port
+
+from .conftest import DASHBOARDS_DIR
+from .helpers import PrometheusServer, dashboard_queries, run_promtool, substitute
+
+pytestmark = pytest.mark.timeout(480)
+
+ALPACA_TINY = REPO_ROOT / "examples" / "data" / "alpaca-tiny.jsonl"
+GPU_PRODUCT = "Local-CPU"  # the node agent's nvidia.com/gpu.product label
+PRICE_PER_HOUR = 3.6  # $/h for that product in the operator's price table: 0.1 cent a second
+MAIN, BROKEN = "obs-main", "obs-broken"
+STEPS = 200  # ~40-70 s of training on 2 cores: long enough to watch, short enough for CI
+# Trainer-only GPU series: absent on a CPU run by design (no made-up zeros); test_dashboards.py shows every
+# dashboard query returning data from a Prometheus scraping a GPU-fed trainer registry.
+GPU_ONLY = {contract.METRIC_GPU_ALLOCATED, contract.METRIC_GPU_RESERVED, contract.METRIC_GPU_PEAK,
+            contract.METRIC_GPU_DEVICE_USED, contract.METRIC_GPU_DEVICE_PEAK, contract.METRIC_GPU_UTILIZATION,
+            "kubesloth_job_peak_gpu_memory_bytes"}
+
+
+# `kubesloth operator`, with the metrics endpoint started first (serve_from_env is idempotent).
+OPERATOR_MAIN = ("import sys; from kubesloth.operator import metrics; metrics.serve_from_env(); "
+                 "from kubesloth.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def finetunejob(name: str, namespace: str, dataset: str, steps: int) -> dict:
+    return {
+        "apiVersion": "kubesloth.io/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"source": "pvc://models/tiny-llama", "maxSeqLength": 128},
+            "dataset": {"source": dataset, "format": "alpaca"},
+            "training": {"profile": "custom", "maxSteps": steps, "learningRate": 3.0e-3, "perDeviceBatchSize": 8,
+                         "gradientAccumulationSteps": 1, "optimizer": "adamw_torch",
+                         "gradientCheckpointing": "false", "lrScheduler": "constant", "warmupRatio": 0.0},
+            "output": {"destination": f"pvc://outputs/{name}", "checkpointEverySteps": 100},
+            "resources": {"gpuProduct": GPU_PRODUCT, "gpuMemoryGiB": 1, "memory": "3Gi", "cpu": "1"},
+            "backoffLimit": 0,
+        },
+    }
+
+
+@dataclass
+class Run:
+    namespace: str
+    operator_port: int
+    prometheus: PrometheusServer
+    trainer_target: str
+    progress_seen: list = field(default_factory=list)  # status.progress readings while Running
+    live_text: dict = field(default_factory=dict)  # endpoint -> /metrics text read during the run
+    dashboard_results: dict = field(default_factory=dict)  # (dashboard, panel, expr) -> result or error
+    label_values: dict = field(default_factory=dict)
+    final: dict = field(default_factory=dict)
+    operator_text_after: str = ""
+
+
+def _get_ftj(kubectl, namespace: str, name: str) -> dict:
+    return json.loads(kubectl("get", "ftj", name, "-n", namespace, "-o", "json").stdout)
+
+
+T0 = time.monotonic()
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.5, on_timeout=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            print(f"[obs-e2e {time.monotonic() - T0:6.1f}s] {what}: done", file=sys.stderr, flush=True)
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{on_timeout()}")
+
+
+def _read(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} missing)"
+
+
+@pytest.fixture(scope="module")
+def run(cluster, kubectl, prometheus_bin, tmp_path_factory) -> Run:
+    work = tmp_path_factory.mktemp("obs-e2e")
+    namespace = f"obs-{os.getpid()}"
+    kubectl("create", "namespace", namespace)
+    volumes = work / "volumes"
+    (volumes / "data").mkdir(parents=True)
+    shutil.copy(ALPACA_TINY, volumes / "data" / "alpaca-tiny.jsonl")
+    (volumes / "outputs").mkdir()
+    from kubesloth.trainer.tiny import make_tiny_model
+    make_tiny_model(volumes / "models" / "tiny-llama")
+
+    env = {**cluster.env(), "PYTHONUNBUFFERED": "1"}
+    agent_log, operator_log = work / "nodeagent.log", work / "operator.log"
+    # Two fake GPUs: the failing job and the training run side by side.
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "kubesloth.cli", "dev", "nodeagent", "--gpus", "2", "--gpu-product", GPU_PRODUCT,
+         "--node-name", f"obs-node-{os.getpid()}", "--work-dir", str(work / "agent"), "--volumes-root", str(volumes)],
+        env=env, stdout=open(agent_log, "w"), stderr=subprocess.STDOUT, cwd=work)
+    operator_port = free_port()
+    operator_env = {**env, "KUBESLOTH_OPERATOR_PROMETHEUS_PORT": str(operator_port),
+                    "KUBESLOTH_OPERATOR_PROMETHEUS_ADDR": "127.0.0.1",
+                    "KUBESLOTH_OPERATOR_NAMESPACES": namespace,
+                    "KUBESLOTH_OPERATOR_RESYNC_SECONDS": "3",
+                    "KUBESLOTH_OPERATOR_ENGINE": "cpu",
+                    "KUBESLOTH_GPU_PRICES": json.dumps({GPU_PRODUCT: PRICE_PER_HOUR})}
+    operator = subprocess.Popen(
+        [sys.executable, "-c", OPERATOR_MAIN, "operator", "--", "--namespace", namespace, "--standalone"],
+        env=operator_env, stdout=open(operator_log, "w"), stderr=subprocess.STDOUT, cwd=work)
+    logs = lambda: (f"--- operator\n{_tail(operator_log)}\n--- node agent\n{_tail(agent_log)}")  # noqa: E731
+    prometheus = None
+    try:
+        operator_url = f"http://127.0.0.1:{operator_port}/metrics"
+        _wait(lambda: _try_read(operator_url), 60, "the operator's metrics endpoint", on_timeout=logs)
+
+        # A job whose dataset does not exist: the trainer exits SourceNotFound, the job ends Failed.
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(
+            finetunejob(BROKEN, namespace, "pvc://data/missing.jsonl", 5)))
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(
+            finetunejob(MAIN, namespace, "pvc://data/alpaca-tiny.jsonl", STEPS)))
+        _wait(lambda: (_get_ftj(kubectl, namespace, BROKEN).get("status") or {}).get("phase") == "Failed", 120,
+              f"{BROKEN} to fail", on_timeout=logs)
+
+        def running_with_progress():
+            status = _get_ftj(kubectl, namespace, MAIN).get("status") or {}
+            assert status.get("phase") not in ("Failed", "Succeeded"), status
+            return status if status.get("phase") == "Running" and (status.get("progress") or {}).get("step") else None
+
+        status = _wait(running_with_progress, 180, f"{MAIN} Running with progress", on_timeout=logs)
+        pod = json.loads(kubectl("get", "pod", status["podName"], "-n", namespace, "-o", "json").stdout)
+        trainer_target = f"{pod['status']['podIP']}:{contract.METRICS_PORT}"
+
+        prometheus = PrometheusServer(prometheus_bin, work / "prometheus",
+                                      {"kubesloth-operator": [f"127.0.0.1:{operator_port}"],
+                                       "kubesloth-trainer": [trainer_target]})
+        result = Run(namespace, operator_port, prometheus, trainer_target)
+        selector = f'namespace="{namespace}", finetunejob="{MAIN}"'
+        # Enough samples for rates and for "step increasing", while the job is still Running.
+        prometheus.wait_for(f"max_over_time(kubesloth_train_step{{{selector}}}[5m]) "
+                            f"- min_over_time(kubesloth_train_step{{{selector}}}[5m]) >= 5", timeout=120)
+        prometheus.wait_for(f"count_over_time(kubesloth_job_step{{{selector}}}[5m]) >= 3", timeout=60)
+
+        result.live_text = {"operator": _read(operator_url), "trainer": _read(f"http://{trainer_target}/metrics")}
+        for path in sorted(DASHBOARDS_DIR.glob("*.json")):
+            dashboard = json.loads(path.read_text())
+            values = {"namespace": namespace, "finetunejob": MAIN}
+            for panel_id, title, expr in dashboard_queries(dashboard):
+                query = substitute(expr, values, range_seconds=600)
+                try:
+                    result.dashboard_results[(path.name, panel_id, title, query)] = prometheus.query(query)
+                except AssertionError as err:
+                    result.dashboard_results[(path.name, panel_id, title, query)] = err
+            for variable in dashboard["templating"]["list"]:
+                if variable["type"] == "query":
+                    query = substitute(variable["query"]["query"], values)
+                    match = query[len("label_values("):-1].rsplit(", ", 1)
+                    result.label_values[(path.name, variable["name"])] = prometheus.api(
+                        f"label/{match[1]}/values", **{"match[]": match[0]})
+        still_running = _get_ftj(kubectl, namespace, MAIN)["status"]
+        assert still_running["phase"] == "Running", "the run ended before the dashboards were checked"
+
+        # status.progress while running: read it a few times, a resync (3 s here) apart.
+        for _ in range(4):
+            status = _get_ftj(kubectl, namespace, MAIN)["status"]
+            if status["phase"] == "Running":
+                result.progress_seen.append(status["progress"])
+            time.sleep(3.5)
+
+        result.final = _wait(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
+            _get_ftj(kubectl, namespace, MAIN).get("status") or {}), 300, f"{MAIN} to finish", on_timeout=logs)
+        time.sleep(2)  # one more scrape of the operator after the last reconcile
+        result.operator_text_after = _read(operator_url)
+        prometheus.wait_for(f'kubesloth_finetunejobs{{phase="{result.final["phase"]}"}} >= 1', timeout=30)
+        yield result
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        for proc in (operator, agent):
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def _try_read(url: str) -> str | None:
+    try:
+        return _read(url)
+    except OSError:
+        return None
+
+
+def test_prometheus_scrapes_trainer_series_with_sane_values(run):
+    selector = f'namespace="{run.namespace}", finetunejob="{MAIN}"'
+    steps = run.prometheus.query_range(f"kubesloth_train_step{{{selector}}}", seconds=300)
+    values = [float(v) for _, v in steps[0]["values"]]
+    assert values == sorted(values) and values[-1] > values[0], values  # step increasing, never back
+    assert values[-1] <= STEPS
+    assert run.prometheus.query(f"max_over_time(kubesloth_train_tokens_per_second{{{selector}}}[5m]) > 0")
+    losses = run.prometheus.query_range(f"kubesloth_train_loss{{{selector}}}", seconds=300)[0]["values"]
+    assert all(math.isfinite(float(v)) and 0 < float(v) < 20 for _, v in losses), losses
+    planned = run.prometheus.query(f"max_over_time(kubesloth_train_steps_total_planned{{{selector}}}[10m])")
+    assert float(planned[0]["value"][1]) == STEPS
+    assert run.prometheus.query(f"increase(kubesloth_train_tokens_total{{{selector}}}[10m]) > 0")
+
+
+def test_prometheus_scrapes_operator_series(run):
+    selector = f'namespace="{run.namespace}", finetunejob="{MAIN}"'
+    query = run.prometheus.query
+    assert query('max_over_time(kubesloth_finetunejobs{phase="Running"}[10m]) >= 1')
+    ratios = run.prometheus.query_range(f"kubesloth_job_progress_ratio{{{selector}}}", seconds=600)[0]["values"]
+    assert all(0 <= float(v) <= 1 for _, v in ratios) and float(ratios[-1][1]) > 0, ratios
+    assert query(f"max_over_time(kubesloth_job_tokens_per_second{{{selector}}}[10m]) > 0")
+    cost = query(f"max_over_time(kubesloth_job_cost_dollars{{{selector}}}[10m])")
+    assert 0 < float(cost[0]["value"][1]) < 1  # a few minutes at $3.6/h
+    assert query('kubesloth_reconcile_total{result="ok"} > 0')
+    assert query("kubesloth_reconcile_duration_seconds_count > 0")
+    failed = query(f'kubesloth_job_failures_total{{namespace="{run.namespace}", reason="SourceNotFound"}}')
+    assert failed and float(failed[0]["value"][1]) == 1, failed
+    attempts = query(f'kubesloth_trainer_failures_total{{namespace="{run.namespace}"}}')
+    assert [a["metric"]["reason"] for a in attempts] == ["SourceNotFound"]
+
+
+def test_status_progress_is_updated_while_running(run):
+    seen = run.progress_seen
+    assert len(seen) >= 2, seen
+    assert all(p["totalSteps"] == STEPS and p["display"] == f"{p['step']}/{STEPS}" for p in seen)
+    assert seen[-1]["step"] > seen[0]["step"], seen
+    assert len({p["updatedAt"] for p in seen}) >= 2, seen  # re-read, not just kept
+    for p in seen:
+        assert p["tokensPerSecond"] > 0 and math.isfinite(p["loss"]) and p["etaSeconds"] >= 0
+        assert "peakGpuMemory" not in p  # CPU: no GPU figure is invented
+
+
+def test_finished_job_status_and_series(run):
+    assert run.final["phase"] == "Succeeded", run.final
+    assert run.final["progress"]["display"] == f"{STEPS}/{STEPS}" and run.final["progress"]["etaSeconds"] == 0
+    assert run.final["cost"]["gpuHourlyPrice"] == PRICE_PER_HOUR and run.final["cost"]["dollars"] > 0
+    # Its per-job series are gone from the operator's endpoint; the fleet count has it as Succeeded.
+    assert f'finetunejob="{MAIN}"' not in run.operator_text_after
+    assert f'finetunejob="{BROKEN}"' not in run.operator_text_after
+    assert 'kubesloth_finetunejobs{phase="Succeeded"} 1.0' in run.operator_text_after
+
+
+@pytest.mark.parametrize("endpoint", ["operator", "trainer"])
+def test_live_endpoints_pass_promtool_check_metrics(run, promtool, endpoint):
+    text = run.live_text[endpoint]
+    assert "kubesloth_" in text
+    proc = run_promtool(promtool, "check", "metrics", input=text)
+    assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), proc.stdout + proc.stderr
+
+
+def test_every_dashboard_query_runs_against_the_live_prometheus(run):
+    errors, empty, skipped = [], [], []
+    for (dashboard, panel_id, title, query), result in run.dashboard_results.items():
+        where = f"{dashboard} panel {panel_id} {title!r}: {query}"
+        if isinstance(result, Exception):
+            errors.append(f"{where}: {result}")
+        elif not result:
+            metrics = set(re.findall(r"kubesloth_\w+", query))
+            (skipped if metrics and metrics <= GPU_ONLY else empty).append(where)
+    assert not errors, "PromQL errors:\n" + "\n".join(errors)
+    assert not empty, "queries without data:\n" + "\n".join(empty)
+    # Only the GPU-only panels may be empty on a CPU run, and there are just these few.
+    assert len(skipped) <= 8, skipped
+    assert len(run.dashboard_results) - len(skipped) >= 25
+
+
+def test_dashboard_job_selectors_list_the_running_job(run):
+    for (dashboard, variable), values in run.label_values.items():
+        expected = run.namespace if variable == "namespace" else MAIN
+        assert expected in values, (dashboard, variable, values)

@@ -29,8 +29,10 @@ COPY operator ./operator
 COPY trainer ./trainer
 # Install from /, not /src: a cwd holding `operator/` would shadow the standard library's `operator` module.
 WORKDIR /
+# Then fail if anything pulled torch in, and drop pip/setuptools: the running operator installs nothing.
 RUN /opt/kubesloth/bin/pip install --no-cache-dir "/src[operator]" \
-    && /opt/kubesloth/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
+    && /opt/kubesloth/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
+    && /opt/kubesloth/bin/python -m pip uninstall --yes --quiet pip setuptools
 
 FROM ${BASE} AS operator
 COPY --from=operator-build /opt/kubesloth /opt/kubesloth

@@ -56,16 +56,21 @@ log "buildah bud --isolation chroot --target operator"
   -f "$REPO_ROOT/Dockerfile" -t "$IMAGE" "$REPO_ROOT"
 log "image built: $IMAGE ($(( $(date +%s) - start ))s)"
 
-# The image's own entry point, as the image's user: the operator CLI answers --help, and torch is absent.
+# The image's own entry point, as the image's user: the chart's kopf options are accepted, the operator's modules
+# import (handlers included), and torch is absent.
 ctr=$("${BUILDAH[@]}" from "$IMAGE")
 trap '"${BUILDAH[@]}" rm "$ctr" >/dev/null 2>&1 || true' EXIT
-"${BUILDAH[@]}" run --isolation chroot "$ctr" -- kubesloth operator --help >"$WORK/help.txt"
-grep -q -- "--namespace" "$WORK/help.txt" || { cat "$WORK/help.txt"; log "operator --help lacks --namespace"; exit 1; }
+"${BUILDAH[@]}" run --isolation chroot "$ctr" -- kubesloth operator -- --help >"$WORK/help.txt"
+for option in --liveness --namespace --all-namespaces --standalone; do
+  grep -q -- "$option" "$WORK/help.txt" || { cat "$WORK/help.txt"; log "operator --help lacks $option"; exit 1; }
+done
 "${BUILDAH[@]}" run --isolation chroot "$ctr" -- python3 -c \
-  "import importlib.util as u, kopf, kubesloth.operator; assert u.find_spec('torch') is None, 'torch in operator image'"
+  "import importlib.util as u, kopf, kubesloth.operator.handlers; assert u.find_spec('torch') is None, 'torch in operator image'"
 user=$("${BUILDAH[@]}" inspect --format '{{.OCIv1.Config.User}}' "$IMAGE")
-entrypoint=$("${BUILDAH[@]}" inspect --format '{{json .OCIv1.Config.Entrypoint}}' "$IMAGE")
+entrypoint=$("${BUILDAH[@]}" inspect --format '{{.OCIv1.Config.Entrypoint}}' "$IMAGE")
 [[ "$user" == "65532:65532" ]] || { log "image user is '$user', not non-root 65532"; exit 1; }
-[[ "$entrypoint" == '["kubesloth","operator"]' ]] || { log "entrypoint is $entrypoint"; exit 1; }
+[[ "$entrypoint" == '[kubesloth operator]' ]] || { log "entrypoint is $entrypoint"; exit 1; }
 size=$("${BUILDAH[@]}" images --format '{{.Size}}' "$IMAGE" | head -1)
+# vfs keeps full copies: drop the untagged images earlier builds left behind.
+"${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
 log "OK: $IMAGE (user $user, entrypoint $entrypoint, size $size) in $(( $(date +%s) - start ))s"

@@ -21,6 +21,8 @@ from kubesloth.trainer.config import config_path, load_job
 from kubesloth.trainer.errors import BadConfig, Interrupted, OutOfMemory, OutputUnwritable, TrainerFailure
 
 MAX_MESSAGE_BYTES = 1000
+# A failed write with less free space than this at the destination is reported as a full disk.
+DISK_FULL_BELOW_BYTES = 16 * 2**20
 
 
 def log(line: str) -> None:
@@ -56,6 +58,24 @@ def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text.lower()
                                               or "DefaultCPUAllocator: can't allocate memory" in text)
+
+
+def disk_full(exc: BaseException, destination: Path) -> Optional[str]:
+    """Why a write failed for lack of room, if it did. torch.save on a full disk raises a RuntimeError ("unexpected
+    pos ...") with no errno, so the destination's free space is checked too."""
+    import errno
+    import shutil
+
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "disk full" if seen.errno == errno.ENOSPC else "quota exceeded"
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(destination).free
+    except OSError:
+        return None
+    return f"disk full ({free / 2**20:.1f} MiB free)" if free < DISK_FULL_BELOW_BYTES else None
 
 
 def metrics_port_ok() -> None:
@@ -104,17 +124,24 @@ def run(config: Optional[str], stop: threading.Event) -> str:
         try:
             recipe.setup()
             result = recipe.train()
+            if result.interrupted:
+                where = result.last_checkpoint.path if result.last_checkpoint else "none"
+                raise Interrupted(f"interrupted at step {result.step}/{result.total_steps}; checkpoint {where}; "
+                                  f"resumable")
+            saved, summary = recipe.save(result)
+        except TrainerFailure:
+            raise
         except Exception as exc:
             if is_out_of_memory(exc):
                 step = recipe.run_state.step
                 raise OutOfMemory(f"out of memory at step {step + 1} ({type(exc).__name__}); "
                                   f"{recipe.memory_peaks()}; {leaner_suggestion(hp)}") from exc
+            full = disk_full(exc, destination)
+            if full:
+                raise OutputUnwritable(f"spec.output.destination: {full} while writing under {destination} "
+                                       f"at step {recipe.run_state.step} ({type(exc).__name__}: "
+                                       f"{str(exc)[:200]})") from exc
             raise
-        if result.interrupted:
-            where = result.last_checkpoint.path if result.last_checkpoint else "none"
-            raise Interrupted(f"interrupted at step {result.step}/{result.total_steps}; checkpoint {where}; "
-                              f"resumable")
-        saved, summary = recipe.save(result)
         rate = summary["tokens_per_second"]
         return (f"trained {result.step}/{result.total_steps} steps ({result.tokens_total} tokens"
                 f"{f', {rate:.0f} tokens/s' if rate else ''}), final loss {result.final_loss:.4f}; "

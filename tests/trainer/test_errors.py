@@ -81,3 +81,22 @@ def test_dataset_not_matching_its_format(tiny_model, tmp_path):
     assert run.returncode == ExitCode.BAD_CONFIG, run.output[-2000:]
     assert "spec.dataset.format: record 0 has no field 'instruction'" in run.termination
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_disk_full_during_a_checkpoint(tiny_model, tmp_path):
+    """A real full file system (a 1.5 MiB tmpfs: room for the weights, so the start-up check passes, not for the
+    first checkpoint's optimizer state): torch's cryptic write error becomes OUTPUT_UNWRITABLE, disk full."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        run = run_trainer(write_job(tmp_path, tiny_model, destination=mount / "out"), tmp_path)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+    assert run.returncode == ExitCode.OUTPUT_UNWRITABLE, run.output[-2000:]
+    assert run.termination.startswith("OutputUnwritable: spec.output.destination: disk full")
+    assert "at step 10" in run.termination

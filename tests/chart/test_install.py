@@ -251,6 +251,11 @@ def test_operator_with_only_the_chart_rbac_runs_finetunejobs(cluster, kubectl, n
         wait_for("short Succeeded and deleted by its TTL", finished_and_deleted, timeout=TRAINER_SECONDS + 60)
         assert "Succeeded" in seen, seen
 
+        # The operator's own metrics are served on the port the chart's Service targets.
+        metrics_port = release.values["operator"]["metricsPort"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            assert "kubesloth_reconcile_total" in response.read().decode()
+
         # Events were posted (events: create).
         events = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
         assert any(e["involvedObject"]["name"] == "long" and e["involvedObject"]["kind"] == "FineTuneJob"

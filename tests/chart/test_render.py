@@ -207,28 +207,45 @@ def test_operator_deployment(rendered):
 
 
 def test_operator_settings_come_from_the_chart(rendered):
-    """The env the chart sets is what the operator's own settings parser reads (names wired exactly)."""
+    """The env the chart sets is what the operator's own settings parsers read (names wired exactly)."""
     out = rendered("integrations")
-    settings = OperatorSettings.from_env(out.operator_env())
+    env = out.operator_env()
+    settings = OperatorSettings.from_env(env)
     assert settings.trainer_image == "registry.example.com/ml/kubesloth-trainer:0.1.0-cu128"
     assert list(settings.default_tolerations) == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert settings.metrics_port == 9400
-    if hasattr(settings, "image_pull_secrets"):
-        assert list(settings.image_pull_secrets) in (["trainer-pull"], [{"name": "trainer-pull"}])
-    prices = PriceTable.from_env(out.operator_env())
+    assert settings.image_pull_policy == "IfNotPresent"
+    prices = PriceTable.from_env(env)
     assert dict(prices.prices) == EXPECTED_PRICES and prices.default == 0.25
     assert prices.price("nvidia-l40s") == 0.99 and prices.price("NVIDIA-B200") == 0.25
-    # Every KUBESLOTH_OPERATOR_* variable the chart sets is one the settings know: none silently ignored.
+    assert operator_metrics.settings_from_env(env)[1] == 9090
+    # Every KUBESLOTH_* variable the chart sets is one the operator reads: none silently ignored.
+    for name in env:
+        if name.startswith("KUBESLOTH_") and name not in NOT_YET_READ:
+            assert name in _env_the_operator_reads(), f"the chart sets {name} but the operator does not read it"
+
+
+# Set by the chart, not read by the operator yet (operator/settings.py has no image_pull_secrets; the trainer pods
+# get no imagePullSecrets): test_operator_reads_the_trainer_pull_secrets fails loudly once it does.
+NOT_YET_READ = {"KUBESLOTH_OPERATOR_IMAGE_PULL_SECRETS"}
+
+
+def _env_the_operator_reads() -> set[str]:
     known = {"KUBESLOTH_OPERATOR_" + name.upper() for name in OperatorSettings.__dataclass_fields__}
     known |= {"KUBESLOTH_OPERATOR_DEFAULT_TOLERATIONS", "KUBESLOTH_OPERATOR_METRICS_PORT",
-              "KUBESLOTH_OPERATOR_IMAGE_PULL_POLICY"}  # fields spelt differently (settings.from_env)
-    known |= {operator_metrics.PORT_ENV, progress.PRICES_ENV, progress.DEFAULT_PRICE_ENV}
-    assert operator_metrics.settings_from_env(out.operator_env())[1] == out.values.get("operator", {}).get(
-        "metricsPort", 9090)
-    for name in out.operator_env():
-        if name.startswith("KUBESLOTH_"):
-            assert name in known, f"the chart sets {name} but the operator does not read it"
+              "KUBESLOTH_OPERATOR_IMAGE_PULL_POLICY"}  # settings fields spelt differently (settings.from_env)
+    return known | {operator_metrics.PORT_ENV, progress.PRICES_ENV, progress.DEFAULT_PRICE_ENV}
+
+
+@pytest.mark.xfail(strict=True, reason="operator/settings.py does not read KUBESLOTH_OPERATOR_IMAGE_PULL_SECRETS "
+                                       "yet; when it does, drop this mark and NOT_YET_READ")
+def test_operator_reads_the_trainer_pull_secrets(rendered):
+    env = rendered("integrations").operator_env()
+    assert NOT_YET_READ <= _env_the_operator_reads()
+    settings = OperatorSettings.from_env(env)
+    pod = builders.build_job(_FTJ, settings)["spec"]["template"]["spec"]
+    assert pod.get("imagePullSecrets") == [{"name": "trainer-pull"}]
 
 
 # Helm merges a user's gpuPrices into the chart's table: overrides win, other products keep the chart's price
@@ -248,6 +265,12 @@ def test_gpu_price_table_and_trainer_image_reach_the_operator(rendered):
     annotation = "checksum/config"
     assert (cheaper.deployment["spec"]["template"]["metadata"]["annotations"][annotation]
             != out.deployment["spec"]["template"]["metadata"]["annotations"][annotation])
+
+
+_FTJ = {"apiVersion": "kubesloth.io/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "demo", "namespace": "ml", "uid": "u-1"},
+        "spec": {"model": {"source": "hf://org/model"}, "dataset": {"source": "hf://org/data"},
+                 "output": {"destination": "pvc://outputs/demo"}}}
 
 
 # --- RBAC -------------------------------------------------------------------------------------------------------
@@ -333,11 +356,7 @@ def test_service_monitor_scrapes_the_metrics_service(rendered):
 
 def test_pod_monitor_scrapes_the_trainer_pods_the_operator_builds(rendered):
     monitor = rendered("integrations").one("PodMonitor")
-    ftj = {"apiVersion": "kubesloth.io/v1alpha1", "kind": "FineTuneJob",
-           "metadata": {"name": "demo", "namespace": "ml", "uid": "u-1"},
-           "spec": {"model": {"source": "hf://org/model"}, "dataset": {"source": "hf://org/data"},
-                    "output": {"destination": "pvc://outputs/demo"}}}
-    pod = builders.build_job(ftj, OperatorSettings())["spec"]["template"]
+    pod = builders.build_job(_FTJ, OperatorSettings())["spec"]["template"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     port_names = [p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]

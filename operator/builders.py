@@ -247,6 +247,8 @@ def build_job(ftj: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]
         pod_spec["tolerations"] = tolerations
     if spec.get("priorityClassName"):
         pod_spec["priorityClassName"] = spec["priorityClassName"]
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
     if settings.service_account_name:
         pod_spec["serviceAccountName"] = settings.service_account_name
 

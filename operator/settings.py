@@ -27,6 +27,7 @@ class OperatorSettings:
     trainer_image: str = "ghcr.io/kubesloth/trainer:0.1.0"
     trainer_command: tuple[str, ...] = ("python", "-m", "kubesloth.trainer")
     image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()  # Secret names for the trainer pod's registry
     metrics_port: int = contract.METRICS_PORT  # the trainer pod's Prometheus port (0: off)
     # Added to every pod; a FineTuneJob's own tolerations come after these.
     default_tolerations: tuple[dict[str, Any], ...] = (DEFAULT_GPU_TOLERATION,)
@@ -83,8 +84,17 @@ class OperatorSettings:
                 raise SettingsError(f"{ENV_PREFIX}IMAGE_PULL_POLICY={policy!r}: expected Always, IfNotPresent "
                                     "or Never")
             values["image_pull_policy"] = policy
-        if get("TRAINER_METRICS_PORT"):
-            values["metrics_port"] = number("TRAINER_METRICS_PORT", int, 0)
+        if get("IMAGE_PULL_SECRETS"):
+            names = []
+            for item in json_value("IMAGE_PULL_SECRETS", list):
+                name = item.get("name") if isinstance(item, dict) else item
+                if not isinstance(name, str) or not name:
+                    raise SettingsError(f"{ENV_PREFIX}IMAGE_PULL_SECRETS: expected a JSON list of names or "
+                                        '{"name": ...} objects')
+                names.append(name)
+            values["image_pull_secrets"] = tuple(names)
+        if get("METRICS_PORT"):
+            values["metrics_port"] = number("METRICS_PORT", int, 0)
         if get("DEFAULT_TOLERATIONS"):
             tolerations = json_value("DEFAULT_TOLERATIONS", list)
             if not all(isinstance(item, dict) for item in tolerations):

@@ -271,7 +271,13 @@ def test_settings_from_env():
         "KUBESLOTH_OPERATOR_NAMESPACES": "a, b",
         "KUBESLOTH_OPERATOR_DEFAULT_TOLERATIONS": "[]",
         "KUBESLOTH_OPERATOR_RESYNC_SECONDS": "2.5",
+        "KUBESLOTH_OPERATOR_METRICS_PORT": "9401",
+        "KUBESLOTH_OPERATOR_IMAGE_PULL_SECRETS": '[{"name": "regcred"}]',
     })
+    assert settings.metrics_port == 9401
+    assert settings.image_pull_secrets == ("regcred",)
+    assert pod_spec(build_job(make_ftj(), settings))["imagePullSecrets"] == [{"name": "regcred"}]
+    assert "imagePullSecrets" not in pod_spec(build_job(make_ftj(), OperatorSettings()))
     assert settings.trainer_image == "x/y:1"
     assert settings.trainer_command == ("python", "-c", "print(1)")
     assert settings.namespaces == ("a", "b")
@@ -285,6 +291,8 @@ def test_settings_from_env():
     ({"KUBESLOTH_OPERATOR_ENGINE": "tpu"}, "KUBESLOTH_OPERATOR_ENGINE"),
     ({"KUBESLOTH_OPERATOR_DEFAULT_TOLERATIONS": "{"}, "KUBESLOTH_OPERATOR_DEFAULT_TOLERATIONS"),
     ({"KUBESLOTH_OPERATOR_IMAGE_PULL_POLICY": "Sometimes"}, "KUBESLOTH_OPERATOR_IMAGE_PULL_POLICY"),
+    ({"KUBESLOTH_OPERATOR_IMAGE_PULL_SECRETS": "[{}]"}, "KUBESLOTH_OPERATOR_IMAGE_PULL_SECRETS"),
+    ({"KUBESLOTH_OPERATOR_METRICS_PORT": "-1"}, "KUBESLOTH_OPERATOR_METRICS_PORT"),
 ])
 def test_bad_settings_name_the_variable(env, named):
     with pytest.raises(SettingsError, match=named):

@@ -77,6 +77,7 @@ class Run:
     label_values: dict = field(default_factory=dict)
     final: dict = field(default_factory=dict)
     operator_text_after: str = ""
+    kubectl_get: str = ""  # `kubectl get ftj` while running
 
 
 def _get_ftj(kubectl, namespace: str, name: str) -> dict:
@@ -192,6 +193,7 @@ def run(cluster, kubectl, prometheus_bin, tmp_path_factory) -> Run:
             status = _get_ftj(kubectl, namespace, MAIN)["status"]
             if status["phase"] == "Running":
                 result.progress_seen.append(status["progress"])
+                result.kubectl_get = kubectl("get", "ftj", MAIN, "-n", namespace).stdout
             time.sleep(3.5)
 
         result.final = _wait(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
@@ -260,6 +262,13 @@ def test_status_progress_is_updated_while_running(run):
     for p in seen:
         assert p["tokensPerSecond"] > 0 and math.isfinite(p["loss"]) and p["etaSeconds"] >= 0
         assert "peakGpuMemory" not in p  # CPU: no GPU figure is invented
+
+
+def test_kubectl_get_shows_progress_and_throughput(run):
+    header, row = run.kubectl_get.strip().splitlines()
+    assert header.split()[:5] == ["NAME", "PHASE", "PROGRESS", "TOKENS/S", "PEAK"], header
+    name, phase, progress, tokens_per_second = row.split()[:4]
+    assert (name, phase) == (MAIN, "Running") and progress.endswith(f"/{STEPS}") and float(tokens_per_second) > 0
 
 
 def test_finished_job_status_and_series(run):

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -337,6 +338,30 @@ def test_namespaced_release_serves_only_its_namespaces(cluster, kubectl, helm_co
         release.uninstall()
         for ns in (watched, other):
             kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_upgrade_never_touches_the_crd_and_restarts_the_operator_on_new_prices(kubectl, cluster_wide, tmp_path):
+    # A newer chart whose CRD differs: Helm must leave the installed CRD alone (docs/install.md: apply it first).
+    chart = tmp_path / "kubesloth"
+    shutil.copytree(CHART_DIR, chart)
+    crd_file = chart / "crds" / "kubesloth.io_finetunejobs.yaml"
+    crd_file.write_text(crd_file.read_text().replace("    app.kubernetes.io/part-of: kubesloth\n",
+                                                     "    app.kubernetes.io/part-of: kubesloth\n"
+                                                     "    kubesloth.io/newer-chart: \"true\"\n", 1))
+    assert "newer-chart" in crd_file.read_text()
+    before = cluster_wide._get("deployment", "cw-kubesloth")
+    values = {**cluster_wide.values, "gpuPrices": {"NVIDIA-L40S": 0.5}}
+    release = cluster_wide.config.upgrade(str(chart), "cw", values, namespace=RELEASE_NAMESPACE, timeout=120)
+    assert release["revision"] == 2, sorted(release)
+    crd = json.loads(kubectl("get", "crd", "finetunejobs.kubesloth.io", "-o", "json").stdout)
+    assert "kubesloth.io/newer-chart" not in crd["metadata"].get("labels", {})
+    # The new price reached the ConfigMap, and the pod template changed so the operator restarts with it.
+    prices = json.loads(cluster_wide._get("configmap", "cw-kubesloth-config")["data"]["gpu-prices.json"])
+    assert prices["NVIDIA-L40S"] == 0.5
+    after = cluster_wide._get("deployment", "cw-kubesloth")
+    annotation = "checksum/config"
+    assert (after["spec"]["template"]["metadata"]["annotations"][annotation]
+            != before["spec"]["template"]["metadata"]["annotations"][annotation])
 
 
 def test_uninstall_keeps_the_crd_and_the_finetunejobs(kubectl, namespace, cluster_wide):

@@ -17,6 +17,9 @@ from kubesloth.api.contract import PVC_ROOT, Env
 from kubesloth.trainer.errors import BadConfig, SourceNotFound
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
+# What a hub download fetches: the HF-format files only (e.g. not a Llama repo's 16 GB original/*.pth).
+HF_MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+HF_DATASET_FILES = [f"*{ext}" for ext in DATA_EXTENSIONS]
 _HF = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?)(@(?P<rev>[A-Za-z0-9._/-]+))?$")
 
 
@@ -71,7 +74,8 @@ def _hf_download(ref: SourceRef, repo_type: str, field: str) -> Path:
     token = os.environ.get(Env.HF_TOKEN.value) or None
     what = f"{field}: hf://{ref.location}" + (f"@{ref.revision}" if ref.revision else "")
     try:
-        path = snapshot_download(repo_id=ref.location, repo_type=repo_type, revision=ref.revision, token=token)
+        path = snapshot_download(repo_id=ref.location, repo_type=repo_type, revision=ref.revision, token=token,
+                                 allow_patterns=HF_MODEL_FILES if repo_type == "model" else HF_DATASET_FILES)
     except GatedRepoError:
         raise SourceNotFound(f"{what} is gated: the token (model.tokenSecretRef) is missing or has no access"
                              ) from None

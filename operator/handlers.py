@@ -79,8 +79,8 @@ def reconcile_or_retry(namespace: str, name: str) -> None:
         raise kopf.PermanentError(f"API {err.status} {err.reason}: {err.body}") from err
     except HTTPError as err:
         raise kopf.TemporaryError(f"API unreachable: {err}", delay=SETTINGS.handler_backoff_seconds)
-    if outcome.retry_after is not None and outcome.retry_after <= 5:
-        raise kopf.TemporaryError("waiting for the previous Job to be deleted", delay=max(outcome.retry_after, 0.5))
+    if outcome.retry_after is not None:
+        raise kopf.TemporaryError("waiting for the suspended Job's pod to stop", delay=max(outcome.retry_after, 0.5))
 
 
 def _resync_loop() -> None:

@@ -37,12 +37,13 @@ WARNING_PHASES = {Phase.Failed.value}
 
 @dataclass
 class Outcome:
-    """What one reconcile saw and did; `retry_after` set when it must run again soon (e.g. an old Job is
-    still being deleted)."""
+    """What one reconcile saw and did. `retry_after`: run again soon (the suspended Job is still being deleted);
+    `expires_in`: seconds until the TTL deletes the finished FineTuneJob (the resync loop takes care of it)."""
 
     phase: str | None = None
     actions: list[str] = field(default_factory=list)
     retry_after: float | None = None
+    expires_in: float | None = None
 
 
 class Reconciler:
@@ -170,7 +171,7 @@ class Reconciler:
             self.api.delete_ftj(meta["namespace"], meta["name"], meta["uid"])
             outcome.actions.append("deleted FineTuneJob (TTL)")
         else:
-            outcome.retry_after = left
+            outcome.expires_in = left
 
     def _create(self, create, body: dict[str, Any], read) -> dict[str, Any]:
         try:

@@ -135,7 +135,8 @@ class Cluster:
         items = self.list("events")
         items = [e for e in items if e["involvedObject"].get("kind") == "FineTuneJob"
                  and e["involvedObject"].get("name") == name]
-        return sorted(items, key=lambda e: (e.get("firstTimestamp") or "", e["metadata"]["creationTimestamp"]))
+        # Timestamps have second resolution; the resourceVersion (etcd's revision) orders creation exactly.
+        return sorted(items, key=lambda e: int(e["metadata"]["resourceVersion"]))
 
     def apply(self, body: dict) -> None:
         body = {**body, "metadata": {**body["metadata"], "namespace": self.namespace}}

@@ -62,9 +62,10 @@ def test_apply_to_succeeded_with_status_conditions_and_events(stack, k8s):
     assert seen[-1] == "Succeeded" and "Running" in seen and "Failed" not in seen
 
     # One event per phase transition, in order.
-    reasons = [e["reason"] for e in k8s.events(name)]
-    assert reasons[-2:] == ["Running", "Succeeded"], reasons
-    assert reasons.count("Running") == 1 and reasons.count("Succeeded") == 1
+    events = k8s.events(name)
+    assert [e["reason"] for e in events] == ["Pending", "Running", "Succeeded"], events
+    assert all(e["type"] == "Normal" and e["source"]["component"] == "kubesloth-operator" for e in events)
+    assert "trainer pod" in events[1]["message"]
 
     # The trainer really trained and saved the model where the pvc:// destination maps.
     model_dir = stack.volumes / "outputs" / name / "model"

@@ -15,14 +15,15 @@ res=/tmp/bench-results
 mkdir -p "$OUT" "$res"
 trap 'cp -f $res/*.json $res/*.md "$OUT"/ 2>/dev/null; tar czf "$OUT/logs.tgz" -C $res . 2>/dev/null' EXIT
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+PYTHONSAFEPATH=1 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 # The repo as the kubesloth package (api/ -> kubesloth.api, trainer/ -> kubesloth.trainer), without installing.
 shim=/tmp/shim/kubesloth
 mkdir -p $shim
 for f in kubesloth/*; do ln -sfn "$PWD/$f" $shim/; done
 for d in api trainer operator; do ln -sfn "$PWD/$d" $shim/$d; done
-export PYTHONPATH=/tmp/shim:/tmp/site:${PYTHONPATH:-}
+# Never the repo root itself on sys.path: its operator/ would shadow the standard library's operator module.
+export PYTHONSAFEPATH=1 PYTHONPATH=/tmp/shim:/tmp/site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee $res/gpu.txt
 python3 -c "import kubesloth.trainer.engines.fused" || exit 1
@@ -32,7 +33,10 @@ if [ "$phase" = issue7 ]; then
   python3 bench/gpu_bench.py models --out $models --shapes 8b,1b 2>&1 | tee $res/models.log | grep bench
   python3 bench/gpu_bench.py issue7 --models $models --out $res --cache /tmp/cache-1b 2>&1 | tee $res/issue7.out
 else
+  # Where the start-up time goes: a cold `import unsloth`, per module (beside the model build).
+  (cd /tmp && python3 -X importtime -c "import unsloth" 2>$res/importtime.txt >/dev/null) &
   python3 bench/gpu_bench.py models --out $models --shapes 8b 2>&1 | tee $res/models.log | grep bench
+  wait
 fi
 left=$((budget - SECONDS))
 echo "table: ${left}s left for rows $rows"

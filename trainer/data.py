@@ -203,8 +203,13 @@ class CausalLMCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|reserved_special_token_0|>")
+
+
 def ensure_pad_token(tokenizer: Any) -> int:
-    """A pad id for batching; padding never reaches the loss or attention, so EOS serves when none is set."""
+    """A pad id for batching. Padding never reaches the loss or attention, but the trained-token count skips the
+    pad id, so an unused special token (Llama 3's finetune pad, a reserved one) beats EOS, the last resort."""
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        vocab = tokenizer.get_vocab()
+        tokenizer.pad_token = next((t for t in PAD_CANDIDATES if t in vocab), tokenizer.eos_token)
     return tokenizer.pad_token_id

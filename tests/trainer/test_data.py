@@ -104,3 +104,16 @@ def test_packed_examples_do_not_see_each_other(tiny_model):
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
         alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids in (first, second)]
     assert torch.allclose(packed, torch.cat(alone), atol=1e-5)
+
+
+def test_pad_token_prefers_an_unused_special_token(tokenizer):
+    import copy
+
+    from kubesloth.trainer.data import ensure_pad_token
+
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert ensure_pad_token(no_pad) == tokenizer.convert_tokens_to_ids("<|pad|>")  # in the vocab, unused
+    no_pad.add_special_tokens({"additional_special_tokens": ["<|finetune_right_pad_id|>"]})
+    no_pad.pad_token = None
+    assert ensure_pad_token(no_pad) == no_pad.convert_tokens_to_ids("<|finetune_right_pad_id|>")

@@ -8,8 +8,9 @@
 # chart's runAsNonRoot holds without a name lookup.
 
 ARG BASE=docker.io/library/python:3.11.14-slim-bookworm
-# unsloth 2026.10.9 allows torch >=2.4,<2.15; the base's own CUDA torch is kept (constraints below).
-ARG TRAINER_BASE=docker.io/pytorch/pytorch:2.10.0-cuda12.8-cudnn9-devel
+# The stack the GPU benchmarks ran on (torch 2.11 + CUDA 13.0, triton 3.6); unsloth 2026.10.9 allows torch
+# >=2.4,<2.15 and transformers needs >=2.5, so any CUDA 12/13 devel tag in that range works. Its torch is kept.
+ARG TRAINER_BASE=docker.io/pytorch/pytorch:2.11.0-cuda13.0-cudnn9-devel
 
 # ---------------------------------------------------------------------------------------------------------------
 # Operator: install into a virtualenv in a build stage, copy only the virtualenv into the final stage.
@@ -60,13 +61,6 @@ COPY api ./api
 COPY kubesloth ./kubesloth
 COPY operator ./operator
 COPY trainer ./trainer
-WORKDIR /
-# Keep the base image's CUDA torch: pin it as a constraint so nothing (xformers, unsloth) swaps it for another
-# build. Then one layer for the install and the cleanup of the sources.
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN python -m pip freeze | grep -E '^(torch|torchvision|triton)==' > /tmp/keep-base.txt \
-    && python -m pip install --no-cache-dir --constraint /tmp/keep-base.txt "/src[trainer,gpu]" \
-    && rm -rf /src /tmp/keep-base.txt
 # Compile caches (Unsloth's generated kernels, inductor, Triton) and the Hugging Face cache live under one
 # directory the pod mounts a volume at, so a restarted pod starts warm; the operator may point them elsewhere.
 ENV KUBESLOTH_CACHE_DIR=/var/cache/kubesloth \
@@ -75,6 +69,24 @@ ENV KUBESLOTH_CACHE_DIR=/var/cache/kubesloth \
     TRITON_CACHE_DIR=/var/cache/kubesloth/triton \
     HF_HOME=/var/cache/kubesloth/huggingface \
     HOME=/tmp
+WORKDIR /
+# Unsloth's declared dependencies pull xformers, diffusers, torchao, ... and, through them, possibly another torch.
+# Full fine-tuning needs none of those (seen on the H200: ../shared/docs/unsloth-on-h200.md). So, in one layer:
+#  1. the trainer extra and what Unsloth imports (peft, cut_cross_entropy) with their dependencies, under a
+#     constraint that keeps the base image's own CUDA torch/triton;
+#  2. the gpu extra (unsloth, unsloth_zoo, bitsandbytes, nvidia-ml-py; pins read from pyproject.toml) without
+#     dependencies;
+#  3. `import unsloth` proves the set is complete (without a GPU it falls back to CPU instead of failing; checked
+#     on a CPU machine with torch 2.13: this exact set imports);
+#  4. the sources, and whatever the import check left in the caches, go.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN python -m pip freeze | grep -E '^(torch|torchvision|torchaudio|triton)==' > /tmp/keep-base.txt \
+    && python -m pip install --no-cache-dir --constraint /tmp/keep-base.txt "/src[trainer]" \
+        "peft==0.21.2" "cut_cross_entropy==25.1.1" \
+    && python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu'], sep='\n')" > /tmp/gpu.txt \
+    && python -m pip install --no-cache-dir --no-deps --requirement /tmp/gpu.txt \
+    && python -c "import unsloth, kubesloth.trainer" \
+    && rm -rf /src /tmp/keep-base.txt /tmp/gpu.txt /var/cache/kubesloth
 RUN mkdir -p /var/cache/kubesloth/unsloth_compiled_cache /var/cache/kubesloth/torchinductor \
         /var/cache/kubesloth/triton /var/cache/kubesloth/huggingface \
     && chown -R 1000:1000 /var/cache/kubesloth

@@ -13,12 +13,10 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import yaml
@@ -41,11 +39,6 @@ STEPS = 200  # ~40-70 s of training on 2 cores: long enough to watch, short enou
 GPU_ONLY = {contract.METRIC_GPU_ALLOCATED, contract.METRIC_GPU_RESERVED, contract.METRIC_GPU_PEAK,
             contract.METRIC_GPU_DEVICE_USED, contract.METRIC_GPU_DEVICE_PEAK, contract.METRIC_GPU_UTILIZATION,
             "kubesloth_job_peak_gpu_memory_bytes"}
-
-
-# `kubesloth operator`, with the metrics endpoint started first (serve_from_env is idempotent).
-OPERATOR_MAIN = ("import sys; from kubesloth.operator import metrics; metrics.serve_from_env(); "
-                 "from kubesloth.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def finetunejob(name: str, namespace: str, dataset: str, steps: int) -> dict:
@@ -103,40 +96,28 @@ def _read(url: str) -> str:
         return response.read().decode()
 
 
-def _tail(path: Path, chars: int = 4000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} missing)"
-
-
 @pytest.fixture(scope="module")
 def run(cluster, kubectl, prometheus_bin, tmp_path_factory) -> Run:
+    # The operator and node agent exactly as the operator's own e2e tests start them (tests/e2e/stack.py):
+    # `kubesloth operator` and `kubesloth dev nodeagent` subprocesses, stopped by pid.
+    from e2e.stack import Stack
+
     work = tmp_path_factory.mktemp("obs-e2e")
     namespace = f"obs-{os.getpid()}"
     kubectl("create", "namespace", namespace)
-    volumes = work / "volumes"
-    (volumes / "data").mkdir(parents=True)
-    shutil.copy(ALPACA_TINY, volumes / "data" / "alpaca-tiny.jsonl")
-    (volumes / "outputs").mkdir()
-    from kubesloth.trainer.tiny import make_tiny_model
-    make_tiny_model(volumes / "models" / "tiny-llama")
-
-    env = {**cluster.env(), "PYTHONUNBUFFERED": "1"}
-    agent_log, operator_log = work / "nodeagent.log", work / "operator.log"
-    # Two fake GPUs: the failing job and the training run side by side.
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "kubesloth.cli", "dev", "nodeagent", "--gpus", "2", "--gpu-product", GPU_PRODUCT,
-         "--node-name", f"obs-node-{os.getpid()}", "--work-dir", str(work / "agent"), "--volumes-root", str(volumes)],
-        env=env, stdout=open(agent_log, "w"), stderr=subprocess.STDOUT, cwd=work)
     operator_port = free_port()
-    operator_env = {**env, "KUBESLOTH_OPERATOR_PROMETHEUS_PORT": str(operator_port),
-                    "KUBESLOTH_OPERATOR_PROMETHEUS_ADDR": "127.0.0.1",
-                    "KUBESLOTH_OPERATOR_NAMESPACES": namespace,
-                    "KUBESLOTH_OPERATOR_RESYNC_SECONDS": "3",
-                    "KUBESLOTH_OPERATOR_ENGINE": "cpu",
-                    "KUBESLOTH_GPU_PRICES": json.dumps({GPU_PRODUCT: PRICE_PER_HOUR})}
-    operator = subprocess.Popen(
-        [sys.executable, "-c", OPERATOR_MAIN, "operator", "--", "--namespace", namespace, "--standalone"],
-        env=operator_env, stdout=open(operator_log, "w"), stderr=subprocess.STDOUT, cwd=work)
-    logs = lambda: (f"--- operator\n{_tail(operator_log)}\n--- node agent\n{_tail(agent_log)}")  # noqa: E731
+    stack = Stack(cluster, work, {"KUBESLOTH_OPERATOR_PROMETHEUS_PORT": str(operator_port),
+                                  "KUBESLOTH_OPERATOR_PROMETHEUS_ADDR": "127.0.0.1",
+                                  "KUBESLOTH_OPERATOR_RESYNC_SECONDS": "3",
+                                  "KUBESLOTH_OPERATOR_ENGINE": "cpu",
+                                  "KUBESLOTH_GPU_PRICES": json.dumps({GPU_PRODUCT: PRICE_PER_HOUR})})
+    stack.gpus = 2  # the failing job and the training run side by side
+    (stack.volumes / "data").mkdir(parents=True)
+    shutil.copy(ALPACA_TINY, stack.volumes / "data" / "alpaca-tiny.jsonl")
+    from kubesloth.trainer.tiny import make_tiny_model
+    make_tiny_model(stack.volumes / "models" / "tiny-llama")
+    stack.start()
+    logs = stack.logs
     prometheus = None
     try:
         operator_url = f"http://127.0.0.1:{operator_port}/metrics"
@@ -205,13 +186,7 @@ def run(cluster, kubectl, prometheus_bin, tmp_path_factory) -> Run:
     finally:
         if prometheus is not None:
             prometheus.stop()
-        for proc in (operator, agent):
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stack.stop()
         kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 

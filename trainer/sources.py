@@ -94,7 +94,6 @@ def _hf_download(ref: SourceRef, repo_type: str, field: str) -> Path:
 
 def _s3_download(ref: SourceRef, field: str) -> Path:
     try:
-        import fsspec  # noqa: F401
         import s3fs
     except ImportError:
         raise SourceNotFound(f"{field}: s3:// needs the optional extra kubesloth[s3] (s3fs), which is not "

@@ -86,6 +86,11 @@ class Throughput:
         per_step = (now - self.started) / done if done > 0 else 0.0
         return rate, max(total_steps - step, 0) * per_step
 
+    def restart_interval(self) -> None:
+        """After a pause that is not training (a checkpoint write): the next rate starts from now."""
+        _time, step, tokens = self.last
+        self.last = (self.clock(), step, tokens)
+
     def average_tokens_per_second(self) -> float:
         elapsed = self.clock() - self.started
         return (self.last[2] - self.start_tokens) / elapsed if elapsed > 0 else 0.0

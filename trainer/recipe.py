@@ -72,7 +72,8 @@ class Recipe:
         spec = self.job.spec
         checkpoints = CheckpointManager(self.destination, spec.output.checkpoints_to_keep)
         for path in checkpoints.remove_partial():
-            self.log(f"removed partial checkpoint {path} (no COMPLETE marker)")
+            self.log(f"removed staging leftovers {path}" if path == checkpoints.staging_root
+                     else f"removed partial checkpoint {path} (no COMPLETE marker)")
         resume_from = checkpoints.latest()
         if resume_from:
             self.log(f"resuming from {resume_from.path} (step {resume_from.step})")
@@ -120,6 +121,7 @@ class Recipe:
             "tokens": result.tokens_total,
             "tokens_this_run": result.tokens_trained,
             "train_seconds": round(result.train_seconds, 3),
+            "checkpoint_seconds": round(result.checkpoint_seconds, 3),
             "wall_seconds": round(time.time() - self.started, 3),
             "tokens_per_second": round(result.tokens_trained / result.train_seconds, 1)
             if result.train_seconds > 0 else None,

@@ -45,9 +45,10 @@ class TrainResult:
     tokens_total: int
     tokens_trained: int  # by this process
     final_loss: float
-    train_seconds: float
+    train_seconds: float  # training only: checkpoint writes are in checkpoint_seconds
     interrupted: bool
     last_checkpoint: Optional[Checkpoint] = None
+    checkpoint_seconds: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 

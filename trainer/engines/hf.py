@@ -148,6 +148,8 @@ class Bridge(TrainerCallback):
         self.losses: list[tuple[int, float]] = []
         self.last_checkpoint = None
         self.train_started_at = 0.0
+        self.checkpoint_seconds = 0.0
+        self._save_started: Optional[float] = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if not self.started:  # here, not in on_train_begin: a resumed state is loaded after that event
@@ -168,6 +170,8 @@ class Bridge(TrainerCallback):
             control.should_training_stop = True
         elif state.global_step % self.ctx.checkpoint_every == 0:
             control.should_save = True
+        if control.should_save:
+            self._save_started = time.monotonic()  # HF writes the files between here and on_save
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs or self.throughput is None:
@@ -193,6 +197,11 @@ class Bridge(TrainerCallback):
             "optimizer": optimizer_signature(self.trainer.model, self.trainer.optimizer),
         }
         self.last_checkpoint = self.ctx.checkpoints.commit(staging, step, metadata)
+        if self._save_started is not None:
+            self.checkpoint_seconds += time.monotonic() - self._save_started
+            self._save_started = None
+        if self.throughput is not None:
+            self.throughput.restart_interval()
         self.ctx.callbacks.on_checkpoint(step, str(self.last_checkpoint.path))
 
 
@@ -218,5 +227,7 @@ def run(trainer: Any, bridge: Bridge, ctx: RunContext) -> TrainResult:
         step=state.global_step, start_step=bridge.start_step, total_steps=state.max_steps,
         epoch=float(state.epoch or 0.0), tokens_total=tokens, tokens_trained=tokens - bridge.start_tokens,
         final_loss=bridge.last_loss,
-        train_seconds=time.monotonic() - bridge.train_started_at if bridge.started else 0.0,
-        interrupted=bridge.interrupted, last_checkpoint=bridge.last_checkpoint, losses=bridge.losses)
+        train_seconds=(time.monotonic() - bridge.train_started_at - bridge.checkpoint_seconds
+                       if bridge.started else 0.0),
+        interrupted=bridge.interrupted, last_checkpoint=bridge.last_checkpoint, losses=bridge.losses,
+        checkpoint_seconds=bridge.checkpoint_seconds)

@@ -19,7 +19,8 @@ assert destination.startswith("pvc://"), destination
 output = os.path.join(os.environ["KUBESLOTH_PVC_ROOT"], destination[len("pvc://"):])
 os.makedirs(output, exist_ok=True)
 with open(os.path.join(output, "starts.txt"), "a") as starts:
-    starts.write(f"{os.environ.get('HOSTNAME', '?')} {os.environ.get('KUBESLOTH_METRICS_ADDR', '?')}\n")
+    token = "token:set" if os.environ.get("HF_TOKEN") else "token:none"  # whether, never what
+    starts.write(f"{os.environ.get('HOSTNAME', '?')} {os.environ.get('KUBESLOTH_METRICS_ADDR', '?')} {token}\n")
 
 
 def interrupted(signum, frame):

@@ -8,6 +8,7 @@ subprocess), the real node agent, the real kube-controller-manager Job controlle
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -94,6 +95,26 @@ def test_a_pod_that_fits_no_node_is_unschedulable(stack, k8s):
              timeout=30)
     assert k8s.phase(name) == "Pending"
     assert "didn't match node selector" in k8s.condition(name, "Running")["message"]
+    k8s.kubectl("delete", "ftj", name, "-n", k8s.namespace)
+
+
+def test_token_secret_reaches_only_the_pod_env(stack, k8s):
+    """A missing token Secret holds the pod (CreateContainerConfigError, in status); once it exists the run
+    starts, and the token appears nowhere the operator writes: ConfigMap, status, events, operator log."""
+    name = "gated"
+    token = "hf_e2e_secret_value_123"
+    k8s.apply(finetunejob(name, model={"tokenSecretRef": {"name": "hf-token", "key": "token"}},
+                          training={"maxSteps": 3600}))
+    waiting = wait_for("the missing Secret reported", lambda: (k8s.condition(name, "Running") or {}).get("reason")
+                       == "CreateContainerConfigError" and k8s.condition(name, "Running"), timeout=30)
+    assert 'secret "hf-token" not found' in waiting["message"] and k8s.phase(name) == "Pending"
+    k8s.kubectl("create", "secret", "generic", "hf-token", "-n", k8s.namespace, f"--from-literal=token={token}")
+    wait_for("Running once the Secret exists", lambda: k8s.phase(name) == "Running", timeout=30)
+    written = [k8s.get("configmap", f"{name}-config"), k8s.get("ftj", name), k8s.events(name),
+               k8s.get("job", f"{name}-trainer")]
+    assert token not in json.dumps(written)
+    assert token not in stack.operator.log_path.read_text(errors="replace")
+    assert wait_for("the trainer started", lambda: starts(stack, name), timeout=30)[0].endswith("token:set")
     k8s.kubectl("delete", "ftj", name, "-n", k8s.namespace)
 
 

@@ -216,19 +216,15 @@ def test_operator_settings_come_from_the_chart(rendered):
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert settings.metrics_port == 9400
     assert settings.image_pull_policy == "IfNotPresent"
+    assert settings.image_pull_secrets == ("trainer-pull",)
     prices = PriceTable.from_env(env)
     assert dict(prices.prices) == EXPECTED_PRICES and prices.default == 0.25
     assert prices.price("nvidia-l40s") == 0.99 and prices.price("NVIDIA-B200") == 0.25
     assert operator_metrics.settings_from_env(env)[1] == 9090
     # Every KUBESLOTH_* variable the chart sets is one the operator reads: none silently ignored.
     for name in env:
-        if name.startswith("KUBESLOTH_") and name not in NOT_YET_READ:
+        if name.startswith("KUBESLOTH_"):
             assert name in _env_the_operator_reads(), f"the chart sets {name} but the operator does not read it"
-
-
-# Set by the chart, not read by the operator yet (operator/settings.py has no image_pull_secrets; the trainer pods
-# get no imagePullSecrets): test_operator_reads_the_trainer_pull_secrets fails loudly once it does.
-NOT_YET_READ = {"KUBESLOTH_OPERATOR_IMAGE_PULL_SECRETS"}
 
 
 def _env_the_operator_reads() -> set[str]:
@@ -238,14 +234,12 @@ def _env_the_operator_reads() -> set[str]:
     return known | {operator_metrics.PORT_ENV, progress.PRICES_ENV, progress.DEFAULT_PRICE_ENV}
 
 
-@pytest.mark.xfail(strict=True, reason="operator/settings.py does not read KUBESLOTH_OPERATOR_IMAGE_PULL_SECRETS "
-                                       "yet; when it does, drop this mark and NOT_YET_READ")
-def test_operator_reads_the_trainer_pull_secrets(rendered):
-    env = rendered("integrations").operator_env()
-    assert NOT_YET_READ <= _env_the_operator_reads()
-    settings = OperatorSettings.from_env(env)
+def test_trainer_pods_get_the_chart_pull_secrets(rendered):
+    settings = OperatorSettings.from_env(rendered("integrations").operator_env())
     pod = builders.build_job(_FTJ, settings)["spec"]["template"]["spec"]
-    assert pod.get("imagePullSecrets") == [{"name": "trainer-pull"}]
+    assert pod["imagePullSecrets"] == [{"name": "trainer-pull"}]
+    assert pod["containers"][0]["image"] == "registry.example.com/ml/kubesloth-trainer:0.1.0-cu128"
+    assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
 # Helm merges a user's gpuPrices into the chart's table: overrides win, other products keep the chart's price

@@ -25,7 +25,7 @@ from kubesloth.api.v1alpha1 import GROUP, PLURAL, VERSION
 
 from .builders import ANNOTATION_FTJ, LABEL_FTJ
 from .kube import KubeApi
-from .reconcile import OwnershipConflict, Reconciler
+from .reconcile import Reconciler
 from .settings import OperatorSettings
 
 log = logging.getLogger("kubesloth.operator")
@@ -71,8 +71,6 @@ def reconcile_or_retry(namespace: str, name: str) -> None:
     assert RECONCILER is not None, "operator not started"
     try:
         outcome = RECONCILER.reconcile(namespace, name)
-    except OwnershipConflict as err:
-        raise kopf.PermanentError(str(err)) from err
     except ApiException as err:
         if err.status in TRANSIENT_HTTP:
             raise kopf.TemporaryError(f"API {err.status} {err.reason}", delay=SETTINGS.handler_backoff_seconds)

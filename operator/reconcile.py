@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from kubesloth.api import contract
 from kubesloth.api.v1alpha1 import FINISHED_PHASES, Phase
@@ -77,7 +78,8 @@ class Reconciler:
         finally:
             for observer in self.observers:
                 try:
-                    observer(ftj or {}, (ftj or {}).get("status"), result, time.monotonic() - started)
+                    seen = ftj or {"metadata": {"namespace": namespace, "name": name}}
+                    observer(seen, seen.get("status"), result, time.monotonic() - started)
                 except Exception:  # a metrics bug must never break reconciling
                     log.exception("status observer failed")
 
@@ -90,17 +92,22 @@ class Reconciler:
         now = self.clock()
 
         job = self.api.get_job(namespace, builders.job_name(name))
-        if job is not None and not _owned_by(job, ftj):
-            raise OwnershipConflict(f"Job {job['metadata']['name']} exists and is not owned by this FineTuneJob")
         configmap = self.api.get_configmap(namespace, builders.configmap_name(name))
-        if configmap is not None and not _owned_by(configmap, ftj):
-            raise OwnershipConflict(f"ConfigMap {configmap['metadata']['name']} exists and is not owned by this "
-                                    "FineTuneJob")
+        for child in (job, configmap):
+            if child is not None and not _owned_by(child, ftj):
+                return self._blocked(ftj, now, "NameConflict", (
+                    f"{child['kind']} {child['metadata']['name']} already exists and is not owned by this "
+                    "FineTuneJob; delete or rename it"))
+        try:
+            live_spec = builders.normalized(ftj)["spec"]
+        except ValidationError as err:  # the CRD schema is generated from the same types, so this is rare
+            problems = "; ".join(f"spec.{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}"
+                                 for e in err.errors() if e["loc"][:1] == ("spec",))
+            return self._blocked(ftj, now, "InvalidSpec", problems or str(err))
 
         # The spec the run started with is the one in its ConfigMap; later changes (other than the mutable fields)
         # are refused, and a Job recreated on resume uses the started spec.
         started_spec = _spec_in(configmap)
-        live_spec = builders.normalized(ftj)["spec"]
         changed = status_mod.spec_changes(started_spec, live_spec)
         effective = dict(ftj)
         if started_spec is not None:
@@ -155,6 +162,23 @@ class Reconciler:
             self._expire(ftj, new_status, effective["spec"], now, outcome)
         return outcome
 
+    def _blocked(self, ftj: dict[str, Any], now: datetime, reason: str, message: str) -> Outcome:
+        """Nothing can be created (a child name is taken, the spec is unusable): say so in status and once as a
+        Warning event; the next reconcile after the cause is fixed proceeds."""
+        old = ftj.get("status") or {}
+        if old.get("phase") in FINISHED_PHASES:
+            return Outcome(phase=old["phase"])
+        conditions = [{"type": "Running", "status": "False", "reason": reason, "message": message}]
+        status = {"phase": Phase.Pending.value, "message": message, "observedGeneration":
+                  ftj["metadata"].get("generation"),
+                  "conditions": status_mod.merge_conditions(old.get("conditions") or [], conditions, now)}
+        if _differs(old, status):
+            self.api.patch_ftj_status(ftj["metadata"]["namespace"], ftj["metadata"]["name"], status)
+        if _condition_reason(old, "Running") != reason:
+            self.api.post_event(ftj, "Warning", reason, message)
+        ftj["status"] = {**old, **status}
+        return Outcome(phase=Phase.Pending.value)
+
     def _expire(self, ftj: dict[str, Any], status: dict[str, Any], spec: dict[str, Any], now: datetime,
                 outcome: Outcome) -> None:
         ttl = spec.get("ttlSecondsAfterFinished")
@@ -186,10 +210,6 @@ class Reconciler:
             return existing
 
 
-class OwnershipConflict(RuntimeError):
-    """A child name this FineTuneJob needs is taken by an object it does not own."""
-
-
 def _owned_by(obj: dict[str, Any], ftj: dict[str, Any]) -> bool:
     return any(ref.get("uid") == ftj["metadata"]["uid"] for ref in obj["metadata"].get("ownerReferences") or [])
 
@@ -203,6 +223,10 @@ def _spec_in(configmap: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return any(old.get(key) != value for key, value in new.items())
+
+
+def _condition_reason(status: dict[str, Any], kind: str) -> str | None:
+    return next((c.get("reason") for c in status.get("conditions") or [] if c.get("type") == kind), None)
 
 
 def _has_true(status: dict[str, Any], kind: str) -> bool:

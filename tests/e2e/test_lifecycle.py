@@ -118,6 +118,21 @@ def test_token_secret_reaches_only_the_pod_env(stack, k8s):
     k8s.kubectl("delete", "ftj", name, "-n", k8s.namespace)
 
 
+def test_a_child_name_taken_by_a_foreign_object_is_reported_then_resolved(stack, k8s):
+    name = "conflict"
+    k8s.kubectl("create", "configmap", f"{name}-config", "-n", k8s.namespace, "--from-literal=mine=yes")
+    k8s.apply(finetunejob(name, training={"maxSteps": 3600}))
+    blocked = wait_for("NameConflict", lambda: (k8s.condition(name, "Running") or {}).get("reason")
+                       == "NameConflict" and k8s.condition(name, "Running"), timeout=30)
+    assert f"ConfigMap {name}-config already exists" in blocked["message"] and k8s.phase(name) == "Pending"
+    assert k8s.get("job", f"{name}-trainer") is None
+    assert k8s.get("configmap", f"{name}-config")["data"] == {"mine": "yes"}  # untouched
+    assert [e["type"] for e in k8s.events(name) if e["reason"] == "NameConflict"] == ["Warning"]
+    k8s.kubectl("delete", "configmap", f"{name}-config", "-n", k8s.namespace)
+    wait_for("Running once the name is free", lambda: k8s.phase(name) == "Running", timeout=30)
+    k8s.kubectl("delete", "ftj", name, "-n", k8s.namespace)
+
+
 def test_operator_killed_mid_run_and_restarted_makes_no_second_job(stack, k8s):
     name = "restart"
     k8s.apply(finetunejob(name, training={"maxSteps": 6}))

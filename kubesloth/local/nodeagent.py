@@ -249,7 +249,11 @@ class NodeAgent:
         seen = {p["metadata"]["uid"] for p in pods}
         for uid in [uid for uid in self.running if uid not in seen]:
             self._kill_now(self.running.pop(uid))  # deleted outright (grace 0): nothing to report to
-        gpus_used = sum(r.gpus for r in self.running.values())
+        # GPUs held by every pod bound here that has not finished (started or not: a pod waiting for its Secret
+        # holds its GPU like on a real node).
+        gpus_used = sum(self._gpus_wanted(p) for p in pods if p["spec"].get("nodeName") == self.config.node_name
+                        and (p.get("status") or {}).get("phase") in (None, "Pending", "Running")
+                        and p["metadata"]["uid"] not in self.finished)
         for pod in pods:
             meta, spec = pod["metadata"], pod["spec"]
             uid, phase = meta["uid"], (pod.get("status") or {}).get("phase")

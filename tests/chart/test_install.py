@@ -34,7 +34,7 @@ from .chart import CHART_DIR
 RELEASE_NAMESPACE = "kubesloth-system"
 BIN = Path(sys.executable).parent
 # A refused call as kopf and the kubernetes client log it (not a timestamp's ",403" milliseconds).
-FORBIDDEN = re.compile(r"(?<![,.\d])403(?!\d)|[Ff]orbidden|Not enough permissions")
+FORBIDDEN = re.compile(r"(?<![\w,.])403(?!\w)|[Ff]orbidden|Not enough permissions")
 TRAINER_SECONDS = 12
 
 
@@ -182,12 +182,16 @@ def operator(release: Release):
 
 
 @contextmanager
-def node_agent(cluster, work: Path, gpus: int = 2):
-    argv = [str(BIN / "kubesloth"), "dev", "nodeagent", "--node-name", f"chart-{uuid.uuid4().hex[:6]}",
+def node_agent(cluster, kubectl, work: Path, gpus: int = 2):
+    node = f"chart-{uuid.uuid4().hex[:6]}"
+    argv = [str(BIN / "kubesloth"), "dev", "nodeagent", "--node-name", node,
             "--gpus", str(gpus), "--work-dir", str(work / "nodeagent"), "--volumes-root", str(work / "volumes"),
             "--kubeconfig", str(cluster.kubeconfig)]
-    with running(argv, cluster.env(), work / "nodeagent.log") as proc:
-        yield proc
+    try:
+        with running(argv, cluster.env(), work / "nodeagent.log") as proc:
+            yield proc
+    finally:
+        kubectl("delete", "node", node, "--ignore-not-found", "--wait=false", check=False)
 
 
 def forbidden_lines(log: Path) -> list[str]:
@@ -224,7 +228,7 @@ def test_operator_with_only_the_chart_rbac_runs_finetunejobs(cluster, kubectl, n
     # The installed objects are the chart's: ClusterRole bound to the ServiceAccount, the CRD from crds/.
     kubectl("get", "clusterrole", "cw-kubesloth")
     kubectl("get", "crd", "finetunejobs.kubesloth.io")
-    with operator(release) as log, node_agent(cluster, release.work):
+    with operator(release) as log, node_agent(cluster, kubectl, release.work):
         kubectl("apply", "-n", namespace, "-f", "-",
                 input=json.dumps(_ftj("short", ttlSecondsAfterFinished=3)))
         kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_ftj("long")))

@@ -32,11 +32,11 @@ def starts(stack, name: str) -> list[str]:
 
 def test_deadline_exceeded(stack, k8s):
     name = "deadline"
-    k8s.apply(finetunejob(name, training={"maxSteps": 3600}, activeDeadlineSeconds=3))
-    wait_for("Running", lambda: k8s.phase(name) == "Running", timeout=30)
+    k8s.apply(finetunejob(name, training={"maxSteps": 3600}, activeDeadlineSeconds=4))
+    wait_for("the trainer started", lambda: starts(stack, name), timeout=30)
     wait_for("Failed", lambda: k8s.phase(name) == "Failed", timeout=60)
     failed = k8s.condition(name, "Failed")
-    assert failed["reason"] == "DeadlineExceeded" and "activeDeadlineSeconds (3s)" in failed["message"]
+    assert failed["reason"] == "DeadlineExceeded" and "activeDeadlineSeconds (4s)" in failed["message"]
     # The Job controller deleted the running pod; the node agent stopped the process and removed the pod.
     wait_for("the pod gone", lambda: not k8s.pods(name), timeout=60)
     assert len(starts(stack, name)) == 1
@@ -135,7 +135,7 @@ def test_a_child_name_taken_by_a_foreign_object_is_reported_then_resolved(stack,
 
 def test_operator_killed_mid_run_and_restarted_makes_no_second_job(stack, k8s):
     name = "restart"
-    k8s.apply(finetunejob(name, training={"maxSteps": 6}))
+    k8s.apply(finetunejob(name, training={"maxSteps": 10}))
     wait_for("Running", lambda: k8s.phase(name) == "Running", timeout=30)
     job_uid = k8s.get("job", f"{name}-trainer")["metadata"]["uid"]
 

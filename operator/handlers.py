@@ -69,16 +69,16 @@ def _hooks() -> tuple[list, list]:
 def reconcile_or_retry(namespace: str, name: str) -> None:
     """Reconcile; API trouble becomes kopf.TemporaryError (retried with backoff), bad requests PermanentError."""
     assert RECONCILER is not None, "operator not started"
+    # A resume while the suspended Job's pod still stops needs no handler retry: the old Job's DELETED event and
+    # the resync reconcile again (a retry would have kopf log a failing handler meanwhile).
     try:
-        outcome = RECONCILER.reconcile(namespace, name)
+        RECONCILER.reconcile(namespace, name)
     except ApiException as err:
         if err.status in TRANSIENT_HTTP:
             raise kopf.TemporaryError(f"API {err.status} {err.reason}", delay=SETTINGS.handler_backoff_seconds)
         raise kopf.PermanentError(f"API {err.status} {err.reason}: {err.body}") from err
     except HTTPError as err:
         raise kopf.TemporaryError(f"API unreachable: {err}", delay=SETTINGS.handler_backoff_seconds)
-    if outcome.retry_after is not None:
-        raise kopf.TemporaryError("waiting for the suspended Job's pod to stop", delay=max(outcome.retry_after, 0.5))
 
 
 def _resync_loop() -> None:
@@ -130,15 +130,18 @@ def cleanup(**_) -> None:
     _stop.set()
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, retries=SETTINGS.handler_retries, backoff=SETTINGS.handler_backoff_seconds)
-@kopf.on.create(GROUP, VERSION, PLURAL, retries=SETTINGS.handler_retries, backoff=SETTINGS.handler_backoff_seconds)
-@kopf.on.update(GROUP, VERSION, PLURAL, retries=SETTINGS.handler_retries, backoff=SETTINGS.handler_backoff_seconds)
+RETRY = {"retries": SETTINGS.handler_retries, "backoff": SETTINGS.handler_backoff_seconds}
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-on-resume", **RETRY)
+@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-on-create", **RETRY)
+@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-on-update", **RETRY)
 def finetunejob_changed(namespace: str, name: str, **_) -> None:
     reconcile_or_retry(namespace, name)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_FTJ: kopf.PRESENT})
-@kopf.on.event("v1", "pods", labels={LABEL_FTJ: kopf.PRESENT})
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_FTJ: kopf.PRESENT}, id="job-changed")
+@kopf.on.event("v1", "pods", labels={LABEL_FTJ: kopf.PRESENT}, id="pod-changed")
 def child_changed(namespace: str, annotations: kopf.Annotations, **_) -> None:
     if annotations.get(ANNOTATION_FTJ):
         RECONCILER.reconcile(namespace, annotations[ANNOTATION_FTJ])

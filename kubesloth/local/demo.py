@@ -151,8 +151,10 @@ def run_demo(state_dir: Path, example: Path, timeout: float = 600.0, keep: bool 
                                        "--work-dir", str(root / "nodeagent"), "--volumes-root", str(volumes)], env)
         background.start("operator", [sys.executable, "-m", "kubesloth.cli", "operator"], env)
         say(f"operator and node agent started (logs in {background.logs})")
-        # A rerun starts from scratch: the old FineTuneJob (and by GC its Job) goes first.
-        kubectl(cluster, "delete", "ftj", name, "-n", namespace, "--ignore-not-found", "--wait=true")
+        # A rerun starts from scratch: the old FineTuneJob goes first, its Job and ConfigMap before it (foreground),
+        # so the new one does not find their names taken.
+        kubectl(cluster, "delete", "ftj", name, "-n", namespace, "--ignore-not-found", "--cascade=foreground",
+                "--wait=true", "--timeout=120s")
         kubectl(cluster, "apply", "-f", str(example))
         phase = wait_for_outcome(cluster, name, namespace, timeout)
         kubectl(cluster, "get", "ftj", "-n", namespace, "-o", "wide")

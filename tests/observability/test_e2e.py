@@ -33,7 +33,7 @@ ALPACA_TINY = REPO_ROOT / "examples" / "data" / "alpaca-tiny.jsonl"
 GPU_PRODUCT = "Local-CPU"  # the node agent's nvidia.com/gpu.product label
 PRICE_PER_HOUR = 3.6  # $/h for that product in the operator's price table: 0.1 cent a second
 MAIN, BROKEN = "obs-main", "obs-broken"
-STEPS = 200  # ~40-70 s of training on 2 cores: long enough to watch, short enough for CI
+STEPS = 300  # ~50-150 s of training on 2 cores: the checks while Running take ~15 s
 # Trainer-only GPU series: absent on a CPU run by design (no made-up zeros); test_dashboards.py shows every
 # dashboard query returning data from a Prometheus scraping a GPU-fed trainer registry.
 GPU_ONLY = {contract.METRIC_GPU_ALLOCATED, contract.METRIC_GPU_RESERVED, contract.METRIC_GPU_PEAK,
@@ -80,12 +80,16 @@ def _get_ftj(kubectl, namespace: str, name: str) -> dict:
 T0 = time.monotonic()
 
 
+def _log(what: str) -> None:
+    print(f"[obs-e2e {time.monotonic() - T0:6.1f}s] {what}", file=sys.stderr, flush=True)
+
+
 def _wait(predicate, timeout: float, what: str, interval: float = 0.5, on_timeout=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
-            print(f"[obs-e2e {time.monotonic() - T0:6.1f}s] {what}: done", file=sys.stderr, flush=True)
+            _log(what)
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{on_timeout()}")
@@ -166,17 +170,19 @@ def run(cluster, kubectl, prometheus_bin, tmp_path_factory) -> Run:
                     match = query[len("label_values("):-1].rsplit(", ", 1)
                     result.label_values[(path.name, variable["name"])] = prometheus.api(
                         f"label/{match[1]}/values", **{"match[]": match[0]})
+        _log("dashboard queries run")
         still_running = _get_ftj(kubectl, namespace, MAIN)["status"]
         assert still_running["phase"] == "Running", "the run ended before the dashboards were checked"
 
         # status.progress while running: read it a few times, a resync (3 s here) apart.
-        for _ in range(4):
+        for _ in range(3):
             status = _get_ftj(kubectl, namespace, MAIN)["status"]
             if status["phase"] == "Running":
                 result.progress_seen.append(status["progress"])
                 result.kubectl_get = kubectl("get", "ftj", MAIN, "-n", namespace).stdout
             time.sleep(3.5)
 
+        _log(f"status.progress read {len(result.progress_seen)} times")
         result.final = _wait(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
             _get_ftj(kubectl, namespace, MAIN).get("status") or {}), 300, f"{MAIN} to finish", on_timeout=logs)
         time.sleep(2)  # one more scrape of the operator after the last reconcile

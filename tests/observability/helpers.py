@@ -41,7 +41,7 @@ class PrometheusServer:
     """A real Prometheus (Debian's 2.42) on loopback with a generated config of static targets; stopped by pid."""
 
     def __init__(self, prometheus: Path, workdir: Path, targets: dict[str, list[str]],
-                 scrape_interval: str = "1s"):
+                 scrape_interval: str = "1s", rule_files: list[Path] = ()):
         import socket
 
         self.workdir = Path(workdir)
@@ -57,6 +57,7 @@ class PrometheusServer:
             # same); static targets add only `job` and `instance`.
             "scrape_configs": [{"job_name": job, "honor_labels": True, "static_configs": [{"targets": hosts}]}
                                for job, hosts in targets.items()],
+            "rule_files": [str(path) for path in rule_files],
         }
         import yaml
 

@@ -24,7 +24,7 @@ import yaml
 from kubesloth.api import contract
 from kubesloth.local.cluster import REPO_ROOT, free_port
 
-from .conftest import DASHBOARDS_DIR
+from .conftest import ALERTS_DIR, DASHBOARDS_DIR
 from .helpers import PrometheusServer, dashboard_queries, run_promtool, substitute
 
 pytestmark = pytest.mark.timeout(480)
@@ -71,6 +71,7 @@ class Run:
     final: dict = field(default_factory=dict)
     operator_text_after: str = ""
     kubectl_get: str = ""  # `kubectl get ftj` while running
+    alerts: list = field(default_factory=list)  # ALERTS series while the main job runs
 
 
 def _get_ftj(kubectl, namespace: str, name: str) -> dict:
@@ -146,7 +147,8 @@ def run(cluster, kubectl, prometheus_bin, tmp_path_factory) -> Run:
 
         prometheus = PrometheusServer(prometheus_bin, work / "prometheus",
                                       {"kubesloth-operator": [f"127.0.0.1:{operator_port}"],
-                                       "kubesloth-trainer": [trainer_target]})
+                                       "kubesloth-trainer": [trainer_target]},
+                                      rule_files=sorted(ALERTS_DIR.glob("*.yaml")))
         result = Run(namespace, operator_port, prometheus, trainer_target)
         selector = f'namespace="{namespace}", finetunejob="{MAIN}"'
         # Enough samples for rates and for "step increasing", while the job is still Running.
@@ -171,6 +173,8 @@ def run(cluster, kubectl, prometheus_bin, tmp_path_factory) -> Run:
                     result.label_values[(path.name, variable["name"])] = prometheus.api(
                         f"label/{match[1]}/values", **{"match[]": match[0]})
         _log("dashboard queries run")
+        # The chart's alert rules, evaluated every second on the real series: the failed job's alert fires.
+        result.alerts = prometheus.wait_for('ALERTS{alertname="KubeslothFineTuneJobFailed"}', timeout=30)
         still_running = _get_ftj(kubectl, namespace, MAIN)["status"]
         assert still_running["phase"] == "Running", "the run ended before the dashboards were checked"
 
@@ -243,6 +247,15 @@ def test_status_progress_is_updated_while_running(run):
     for p in seen:
         assert p["tokensPerSecond"] > 0 and math.isfinite(p["loss"]) and p["etaSeconds"] >= 0
         assert "peakGpuMemory" not in p  # CPU: no GPU figure is invented
+
+
+def test_chart_alert_rules_on_live_series(run):
+    firing = {(a["metric"]["alertname"], a["metric"].get("namespace"), a["metric"].get("reason"),
+               a["metric"]["alertstate"]) for a in run.alerts}
+    assert firing == {("KubeslothFineTuneJobFailed", run.namespace, "SourceNotFound", "firing")}, run.alerts
+    # The healthy run raises nothing else (no OOM, not stalled, throughput fine, operator up).
+    others = run.prometheus.query('ALERTS{alertname!="KubeslothFineTuneJobFailed"}')
+    assert others == [], others
 
 
 def test_kubectl_get_shows_progress_and_throughput(run):

@@ -70,6 +70,7 @@ class Run:
     label_values: dict = field(default_factory=dict)
     final: dict = field(default_factory=dict)
     operator_text_after: str = ""
+    operator_text_after_delete: str = ""
     kubectl_get: str = ""  # `kubectl get ftj` while running
     alerts: list = field(default_factory=list)  # ALERTS series while the main job runs
 
@@ -192,6 +193,11 @@ def run(cluster, kubectl, prometheus_bin, tmp_path_factory) -> Run:
         time.sleep(2)  # one more scrape of the operator after the last reconcile
         result.operator_text_after = _read(operator_url)
         prometheus.wait_for(f'kubesloth_finetunejobs{{phase="{result.final["phase"]}"}} >= 1', timeout=30)
+        # Deleting a job takes it out of the operator's counts (its per-job series went when it finished).
+        kubectl("delete", "ftj", BROKEN, "-n", namespace, "--wait=true", "--timeout=60s")
+        result.operator_text_after_delete = _wait(
+            lambda: (lambda text: text if 'kubesloth_finetunejobs{phase="Failed"} 0.0' in text else None)(
+                _read(operator_url)), 60, f"{BROKEN} gone from the operator's metrics", on_timeout=logs)
         yield result
     finally:
         if prometheus is not None:
@@ -273,6 +279,14 @@ def test_finished_job_status_and_series(run):
     assert f'finetunejob="{MAIN}"' not in run.operator_text_after
     assert f'finetunejob="{BROKEN}"' not in run.operator_text_after
     assert 'kubesloth_finetunejobs{phase="Succeeded"} 1.0' in run.operator_text_after
+
+
+def test_a_deleted_job_leaves_the_counts(run):
+    text = run.operator_text_after_delete
+    assert 'kubesloth_finetunejobs{phase="Failed"} 0.0' in text
+    assert 'kubesloth_finetunejobs{phase="Succeeded"} 1.0' in text  # the main job is still there
+    # The failure stays counted (a counter per namespace and reason, not per job).
+    assert f'kubesloth_job_failures_total{{namespace="{run.namespace}",reason="SourceNotFound"}} 1.0' in text
 
 
 @pytest.mark.parametrize("endpoint", ["operator", "trainer"])

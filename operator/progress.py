@@ -256,10 +256,10 @@ def scrape(url: str, timeout: float = SCRAPE_TIMEOUT_SECONDS) -> str:
 
 
 def read_live_status(pod: Mapping[str, Any], namespace: str, name: str, status: Mapping[str, Any] | None,
-                     gpu_product: str | None = None, price_table: Mapping[str, float] | None = None,
-                     now: datetime | None = None) -> dict[str, Any]:
-    """The status patch {progress, cost} for a running job's pod. Raises ScrapeError when the pod can't be read
-    (the caller keeps the previous progress and tries again at the next tick)."""
+                     hourly_price: float | None = None, now: datetime | None = None) -> dict[str, Any]:
+    """The status patch {progress[, cost]} for a running job's pod; `status` is the job's current one (previous
+    progress for the ETA, startTime for the cost). Raises ScrapeError when the pod can't be read (the caller keeps
+    the previous progress and tries again at the next reconcile)."""
     now = now or datetime.now(timezone.utc)
     status = status or {}
     url = metrics_url(pod)
@@ -267,8 +267,7 @@ def read_live_status(pod: Mapping[str, Any], namespace: str, name: str, status: 
         raise ScrapeError("the trainer pod has no IP yet or its metrics are off")
     sample = parse_trainer_metrics(scrape(url), namespace=namespace, name=name)
     patch: dict[str, Any] = {"progress": build_progress(sample, now, status.get("progress"))}
-    cost = build_cost(gpu_hourly_price(price_table, gpu_product), status.get("startTime"), now,
-                      sample.get(contract.METRIC_TOKENS))
+    cost = build_cost(hourly_price, status.get("startTime"), now, sample.get(contract.METRIC_TOKENS))
     if cost is not None:
         patch["cost"] = cost
     return patch
@@ -341,14 +340,9 @@ def enrich_status(ftj: dict[str, Any], job: Optional[dict[str, Any]], pods: list
 
     if phase == Phase.Running.value and pod is not None:
         try:
-            sample = parse_trainer_metrics(scrape(metrics_url(pod) or _no_url()), namespace=namespace, name=name)
+            status.update(read_live_status(pod, namespace, name, merged, price, now))
         except ScrapeError as exc:
             log.debug("progress of %s/%s not readable yet: %s", namespace, name, exc)
-        else:
-            status["progress"] = build_progress(sample, now, old.get("progress"))
-            cost = build_cost(price, merged.get("startTime"), now, sample.get(contract.METRIC_TOKENS))
-            if cost is not None:
-                status["cost"] = cost
     elif phase == Phase.Succeeded.value and old.get("phase") != Phase.Succeeded.value:
         progress = dict(old.get("progress") or {})
         if progress.get("totalSteps"):
@@ -363,7 +357,3 @@ def enrich_status(ftj: dict[str, Any], job: Optional[dict[str, Any]], pods: list
         if cost is not None:
             status["cost"] = cost
     return status
-
-
-def _no_url() -> str:
-    raise ScrapeError("the trainer pod has no IP yet or its metrics are off")

@@ -140,8 +140,8 @@ def trainer_endpoint():
 def test_read_live_status_scrapes_a_real_http_endpoint(trainer_endpoint):
     pod = trainer_endpoint
     status = {"startTime": prog.rfc3339(NOW - timedelta(hours=2))}
-    patch = prog.read_live_status(pod, "ml", "llama", status, gpu_product="NVIDIA-L40S",
-                                  price_table={"NVIDIA-L40S": 1.0}, now=NOW)
+    price = prog.gpu_hourly_price({"NVIDIA-L40S": 1.0}, "NVIDIA-L40S")
+    patch = prog.read_live_status(pod, "ml", "llama", status, hourly_price=price, now=NOW)
     assert patch["progress"]["display"] == "120/400"
     assert patch["cost"]["dollars"] == 2.0 and patch["cost"]["tokensPerDollar"] == 245760.0
 

@@ -28,8 +28,6 @@ from kubesloth.api.v1alpha1 import Phase
 
 log = logging.getLogger("kubesloth.operator.progress")
 
-# How often the operator should read a running job's metrics; status.progress must never be older than 30 s.
-POLL_INTERVAL_SECONDS = 10.0
 SCRAPE_TIMEOUT_SECONDS = 2.0  # inside the job's reconcile: a hung pod must not hold it long
 # The chart's price table (configmap gpu-prices.json) and its fallback price; 0 = cost not reported.
 PRICES_ENV = "KUBESLOTH_GPU_PRICES"

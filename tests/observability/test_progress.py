@@ -213,3 +213,12 @@ def test_price_table_from_env_names_the_bad_variable():
         prog.PriceTable.from_env({prog.PRICES_ENV: "[1, 2]"})
     with pytest.raises(ValueError, match=prog.DEFAULT_PRICE_ENV):
         prog.PriceTable.from_env({prog.DEFAULT_PRICE_ENV: "cheap"})
+
+
+def test_the_operator_reads_progress_often_enough():
+    """status.progress must never be more than 30 s old while the trainer answers: the enricher runs on every
+    reconcile, and the operator's resync reconciles every running job at least every resync_seconds."""
+    from kubesloth.operator.settings import OperatorSettings
+
+    assert OperatorSettings().resync_seconds <= 15
+    assert prog.SCRAPE_TIMEOUT_SECONDS <= 5

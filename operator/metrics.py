@@ -50,7 +50,7 @@ _REASON = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,62}$")
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> tuple[str, int]:
-    """(addr, port) from KUBESLOTH_OPERATOR_METRICS_ADDR/PORT; port 0 turns the endpoint off."""
+    """(addr, port) from KUBESLOTH_OPERATOR_PROMETHEUS_ADDR/PORT; port 0 turns the endpoint off."""
     env = os.environ if env is None else env
     raw = env.get(PORT_ENV, str(DEFAULT_PORT))
     try:
@@ -68,6 +68,7 @@ class _Job:
     status: Mapping[str, Any]
     spec: Mapping[str, Any]
     seen: float  # time.monotonic() of the last observation
+    uid: str | None = None
 
 
 class _JobCollector(Collector):
@@ -160,7 +161,8 @@ class OperatorMetrics:
 
     # --- reconciles -------------------------------------------------------------------------------------------
     def observe_reconcile(self, namespace: str | None, name: str | None, status: Mapping[str, Any] | None,
-                          spec: Mapping[str, Any] | None, result: str, seconds: float) -> None:
+                          spec: Mapping[str, Any] | None, result: str, seconds: float,
+                          uid: str | None = None) -> None:
         """One reconcile's result and duration, and the job's status as it wrote it."""
         self.reconciles.labels(result if result in RESULTS else "error").inc()
         self.reconcile_seconds.observe(seconds)
@@ -168,18 +170,25 @@ class OperatorMetrics:
             if result == "gone":
                 self.forget_job(namespace, name)
             elif status:
-                self.observe_job(namespace, name, status, spec)
+                self.observe_job(namespace, name, status, spec, uid=uid)
 
     # --- jobs -------------------------------------------------------------------------------------------------
     def observe_job(self, namespace: str, name: str, status: Mapping[str, Any] | None,
-                    spec: Mapping[str, Any] | None = None, now: datetime | None = None) -> None:
+                    spec: Mapping[str, Any] | None = None, now: datetime | None = None,
+                    uid: str | None = None) -> None:
         """Record a job's latest status (wire form). Counts a failure when the job turns Failed."""
         status = dict(status or {})
         phase = status.get("phase")
         key = (namespace, name)
         with self._lock:
             previous = self._jobs.get(key)
-            self._jobs[key] = _Job(phase, status, dict(spec or {}), self.clock())
+            same_object = previous is not None and (uid is None or previous.uid in (None, uid))
+            if same_object and previous.phase in FINISHED_PHASES and phase not in FINISHED_PHASES:
+                # A finished run never runs again: this is an older reading that arrived late (observers run
+                # after the reconcile's lock is released). Keep the newer one, and count nothing twice.
+                previous.seen = self.clock()
+                return
+            self._jobs[key] = _Job(phase, status, dict(spec or {}), self.clock(), uid)
         if phase == Phase.Failed.value and (previous is None or previous.phase != Phase.Failed.value):
             if previous is not None or _failed_recently(status, now or datetime.now(timezone.utc)):
                 self.failures.labels(namespace, _failure_reason(status)).inc()
@@ -249,7 +258,7 @@ def observe_reconcile(ftj: Mapping[str, Any], status: Mapping[str, Any] | None, 
     """The Reconciler's observer hook (operator/reconcile.py): feeds METRICS."""
     meta = (ftj or {}).get("metadata") or {}
     METRICS.observe_reconcile(meta.get("namespace"), meta.get("name"), status, (ftj or {}).get("spec"),
-                              result, seconds)
+                              result, seconds, uid=meta.get("uid"))
 
 
 _SERVED: tuple | None = None

@@ -94,6 +94,20 @@ def test_failures_are_counted_once_by_reason():
     assert samples(restarted)[key] == 1
 
 
+def test_a_late_older_reading_does_not_reopen_a_finished_job_or_count_its_failure_twice():
+    metrics = m.OperatorMetrics()
+    failed = {"phase": "Failed", "conditions": [{"type": "Failed", "status": "True", "reason": "TrainerError"}]}
+    metrics.observe_job("ml", "llama", RUNNING, uid="u1")
+    metrics.observe_job("ml", "llama", failed, uid="u1")
+    metrics.observe_job("ml", "llama", RUNNING, uid="u1")  # an older reconcile's observer ran last
+    metrics.observe_job("ml", "llama", failed, uid="u1")
+    key = ("kubesloth_job_failures_total", frozenset({("namespace", "ml"), ("reason", "TrainerError")}))
+    assert samples(metrics)[key] == 1 and job_series(metrics, "ml", "llama") == {}
+    # The same name for a new object (deleted and re-created) is a new job.
+    metrics.observe_job("ml", "llama", RUNNING, uid="u2")
+    assert job_series(metrics, "ml", "llama")["kubesloth_job_step"] == 30
+
+
 def test_reconcile_observer_counts_results_and_forgets_gone_jobs():
     metrics = m.OperatorMetrics()
     ftj = {"metadata": {"namespace": "ml", "name": "llama"}, "spec": {"resources": {"gpuMemoryGiB": 48}}}

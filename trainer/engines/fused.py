@@ -305,7 +305,12 @@ class FusedOptimizer:
                     continue  # torch keeps AdamW's step counter on the host unless capturable
                 on_host = (self.host_states is not None and key not in _SHARED_STATE_KEYS
                            and value.numel() >= self.host_states.min_numel)
-                if on_host:
+                if getattr(opt, "is_paged", False) and key in ("state1", "state2"):
+                    # Back into CUDA managed memory (bitsandbytes' own buffer), not into torch's pool.
+                    paged = opt.get_state_buffer(param, dtype=value.dtype)
+                    paged.copy_(value.reshape(paged.shape))
+                    state[key] = paged
+                elif on_host:
                     pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
                     pinned.copy_(value)
                     state[key] = pinned
@@ -394,6 +399,57 @@ def layer_activation_bytes(config, tokens: int) -> int:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     per_token = 7 * hidden + 2 * kv * head_dim + 3 * inter
     return 2 * per_token * tokens
+
+
+# The placement each optimizer asks for; "host" is chosen when 8-bit states do not fit the budget.
+OPTIMIZER_PLACEMENTS = {"paged_adamw_8bit": "paged", "adamw_8bit": "device", "adamw_torch": "torch",
+                        "adamw_torch_fused": "torch"}
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What the plan is made from: torch's reserved bytes after the model loaded, the card's free bytes, and the
+    budget torch is capped at (None: the card)."""
+
+    reserved: int
+    free: int
+    budget: Optional[int] = None
+
+    def room(self, also_held: int = 0) -> int:
+        """Bytes left for optimizer states / activations beside the weights and a step's working set."""
+        ceiling = self.budget if self.budget is not None else self.reserved + self.free
+        return ceiling - self.reserved - also_held - int(WORKING_SET_RESERVE_GIB * 2**30)
+
+
+def choose_placement(placement: str, state_bytes: int, memory: DeviceMemory) -> tuple[str, Optional[str]]:
+    """Where the optimizer states go, and a note when that is not where the optimizer asked for them.
+
+    Paged states live in CUDA managed memory: they are only asked for when they fit in what the card has free
+    beside the working set (never oversubscribe managed memory) and in the budget. 8-bit states that do not fit
+    stream from pinned host memory instead. fp32 torch states (8 bytes a parameter) that do not fit are an error.
+    """
+    from kubesloth.trainer.errors import BadConfig
+
+    room = memory.room()
+    fits = state_bytes <= room and state_bytes + int(WORKING_SET_RESERVE_GIB * 2**30) <= memory.free
+    if placement in ("host",) or fits:
+        return placement, None
+    if placement == "torch":
+        raise BadConfig(f"spec.training.optimizer: 32-bit AdamW states need {state_bytes / 2**30:.1f} GiB and the "
+                        f"GPU budget leaves {max(room, 0) / 2**30:.1f} GiB beside the weights; use adamw_8bit or "
+                        "paged_adamw_8bit (the fused engine streams 8-bit states from host memory when needed)")
+    return "host", (f"fused engine: 8-bit states ({state_bytes / 2**30:.1f} GiB) do not fit beside the weights in "
+                    f"the budget ({max(room, 0) / 2**30:.1f} GiB left): states in pinned host memory, streamed "
+                    "per parameter")
+
+
+def layers_without_checkpointing(per_layer: int, layers: int, states_on_device: int,
+                                 memory: DeviceMemory) -> tuple[int, str]:
+    """fast: how many decoder layers can keep their activations instead of recomputing them."""
+    room = memory.room(also_held=states_on_device)
+    count = max(0, min(layers, int(room // per_layer))) if room > 0 else 0
+    return count, (f"fast: {room / 2**30:.1f} GiB for activations at {per_layer / 2**30:.2f} GiB per layer -> "
+                   f"{count}/{layers} layers without checkpointing")
 
 
 class FusedEngine:
@@ -528,41 +584,26 @@ class FusedEngine:
                               "on its own (per-parameter clipping)")
         if not on_gpu:
             return plan  # torch AdamW per parameter
-        eight_bit = {"paged_adamw_8bit": "paged", "adamw_8bit": "device"}
-        if hp.optimizer in eight_bit:
-            plan.placement = eight_bit[hp.optimizer]
-        elif hp.optimizer in ("adamw_torch", "adamw_torch_fused"):
-            plan.placement = "torch"
-        else:
+        if hp.optimizer not in OPTIMIZER_PLACEMENTS:
             raise BadConfig(f"spec.training.optimizer: {hp.optimizer} is not supported by the fused engine "
-                            "(allowed: paged_adamw_8bit, adamw_8bit, adamw_torch, adamw_torch_fused)")
-        if "placement" in tuning:
-            plan.placement = tuning["placement"]
+                            f"(allowed: {', '.join(OPTIMIZER_PLACEMENTS)})")
         params = [p for p in self.model.parameters() if p.requires_grad]
-        state_bytes = eight_bit_state_bytes(params)
-        reserved = torch.cuda.memory_reserved()
-        free, _total = torch.cuda.mem_get_info()
-        reserve = int(WORKING_SET_RESERVE_GIB * 2**30)
-        if plan.placement in ("paged", "device"):
-            # States must fit beside the weights and a step's working set in the budget, and (paged: managed
-            # memory) in what the card has free; otherwise they stream from pinned host memory.
-            room = (budget if budget is not None else reserved + free) - reserved - reserve
-            if state_bytes > room or state_bytes + reserve > free:
-                plan.notes.append(f"fused engine: 8-bit states ({state_bytes / 2**30:.1f} GiB) do not fit beside "
-                                  f"the weights in the budget ({room / 2**30:.1f} GiB left): states in pinned host "
-                                  "memory, streamed per parameter")
-                plan.placement = "host"
-        tokens = self.batch * hp.max_seq_length
+        numel = sum(p.numel() for p in params)
+        placement = tuning.get("placement") or OPTIMIZER_PLACEMENTS[hp.optimizer]
+        state_bytes = eight_bit_state_bytes(params) if placement != "torch" else 8 * numel
+        memory = DeviceMemory(reserved=torch.cuda.memory_reserved(), free=torch.cuda.mem_get_info()[0],
+                              budget=budget)
+        plan.placement, note = choose_placement(placement, state_bytes, memory)
+        if note:
+            plan.notes.append(note)
         if "uncheckpointed_layers" in tuning:
             plan.uncheckpointed_layers = int(tuning["uncheckpointed_layers"])
         elif hp.profile == "fast" and hp.gradient_checkpointing != "false":
-            per_layer = layer_activation_bytes(self.model.config, tokens)
-            held = state_bytes if plan.placement == "device" else 0
-            room = (budget if budget is not None else reserved + free) - reserved - held - reserve
+            per_layer = layer_activation_bytes(self.model.config, self.batch * hp.max_seq_length)
             layers = len(self._decoder_layers())
-            plan.uncheckpointed_layers = max(0, min(layers, int(room // per_layer)))
-            plan.notes.append(f"fast: {room / 2**30:.1f} GiB for activations at {per_layer / 2**30:.2f} GiB per "
-                              f"layer -> {plan.uncheckpointed_layers}/{layers} layers without checkpointing")
+            plan.uncheckpointed_layers, note = layers_without_checkpointing(
+                per_layer, layers, state_bytes if plan.placement in ("device", "torch") else 0, memory)
+            plan.notes.append(note)
         return plan
 
     def _make_fused(self, ctx) -> FusedOptimizer:

@@ -37,9 +37,6 @@ HOST_STATE_MIN_NUMEL = 1 << 16
 # Optimizer-state entries shared between parameters or tiny (quantisation maps): never moved to the host.
 _SHARED_STATE_KEYS = frozenset({"qmap1", "qmap2"})
 
-OptimizerFactory = Callable[[torch.nn.Parameter], torch.optim.Optimizer]
-
-
 class FusedStepError(RuntimeError):
     """The fused step cannot be applied as stated (a parameter stepped twice, a hook outside a step...)."""
 

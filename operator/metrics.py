@@ -35,6 +35,8 @@ from prometheus_client.registry import Collector
 
 from kubesloth.api.v1alpha1 import FINISHED_PHASES, Phase
 
+from .status import parse_time
+
 # Not KUBESLOTH_OPERATOR_METRICS_PORT: operator/settings.py uses that for the trainer pods' metrics port.
 PORT_ENV = "KUBESLOTH_OPERATOR_PROMETHEUS_PORT"
 ADDR_ENV = "KUBESLOTH_OPERATOR_PROMETHEUS_ADDR"
@@ -241,13 +243,11 @@ def _failed_recently(status: Mapping[str, Any], now: datetime) -> bool:
 
 
 def _recent(moment: str | None, now: datetime) -> bool:
-    if not moment:
-        return True
     try:
-        when = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+        when = parse_time(moment)
     except ValueError:
         return False
-    return now - when <= FRESH_FAILURE_WINDOW
+    return when is None or now - when <= FRESH_FAILURE_WINDOW
 
 
 METRICS = OperatorMetrics()

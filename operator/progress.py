@@ -26,6 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubesloth.api import contract
 from kubesloth.api.v1alpha1 import Phase
 
+from . import status as status_mod
+from .status import parse_time, rfc3339  # the operator's one RFC 3339 format
+
 log = logging.getLogger("kubesloth.operator.progress")
 
 SCRAPE_TIMEOUT_SECONDS = 2.0  # inside the job's reconcile: a hung pod must not hold it long
@@ -108,16 +111,6 @@ def human_bytes(count: int | float | None) -> Optional[str]:
             return f"{int(value)}" if unit == "" else f"{value:.1f}{unit}"
         value /= 1024
     raise AssertionError("unreachable")
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(text: str | None) -> Optional[datetime]:
-    if not text:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def _finite(value: Optional[float], digits: int) -> Optional[float]:
@@ -300,8 +293,7 @@ def _running_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 
 def _failed_pods(pods: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
-    from . import status as status_mod  # the operator's own classification of a failed pod (OOMKilled, exit codes)
-
+    """(uid, reason, finishedAt) of failed trainer pods, classified as status.py does (OOMKilled, exit codes)."""
     failures = []
     for pod in pods:
         failure = status_mod.pod_failure(pod) if (pod.get("status") or {}).get("phase") == "Failed" else None

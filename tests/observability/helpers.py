@@ -42,13 +42,11 @@ class PrometheusServer:
 
     def __init__(self, prometheus: Path, workdir: Path, targets: dict[str, list[str]],
                  scrape_interval: str = "1s", rule_files: list[Path] = ()):
-        import socket
+        from kubesloth.local.cluster import free_port
 
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
@@ -108,9 +106,9 @@ class PrometheusServer:
             raise PrometheusError(f"{path} {params}: {body}")
         return body["data"]
 
-    def query(self, expr: str) -> list[dict]:
-        """Instant query; the result vector (a scalar comes back as one sample)."""
-        data = self.api("query", query=expr)
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        """Instant query (now, or at the unix time `at`); the result vector (a scalar comes back as one sample)."""
+        data = self.api("query", query=expr, **({"time": str(at)} if at is not None else {}))
         if data["resultType"] == "scalar":
             return [{"metric": {}, "value": data["result"]}]
         return data["result"]

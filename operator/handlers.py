@@ -133,15 +133,15 @@ def cleanup(**_) -> None:
 RETRY = {"retries": SETTINGS.handler_retries, "backoff": SETTINGS.handler_backoff_seconds}
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-on-resume", **RETRY)
-@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-on-create", **RETRY)
-@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-on-update", **RETRY)
+@kopf.on.resume(GROUP, VERSION, PLURAL, **RETRY)
+@kopf.on.create(GROUP, VERSION, PLURAL, **RETRY)
+@kopf.on.update(GROUP, VERSION, PLURAL, **RETRY)
 def finetunejob_changed(namespace: str, name: str, **_) -> None:
     reconcile_or_retry(namespace, name)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_FTJ: kopf.PRESENT}, id="job-changed")
-@kopf.on.event("v1", "pods", labels={LABEL_FTJ: kopf.PRESENT}, id="pod-changed")
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_FTJ: kopf.PRESENT})
+@kopf.on.event("v1", "pods", labels={LABEL_FTJ: kopf.PRESENT})
 def child_changed(namespace: str, annotations: kopf.Annotations, **_) -> None:
     if annotations.get(ANNOTATION_FTJ):
         RECONCILER.reconcile(namespace, annotations[ANNOTATION_FTJ])

@@ -34,6 +34,7 @@ Enricher = Callable[[dict, Optional[dict], list, dict], dict]
 Observer = Callable[[dict, Optional[dict], str, float], None]
 
 WARNING_PHASES = {Phase.Failed.value}
+QUIET_PENDING_REASONS = {"Creating", "PodCreating", "PodStarting"}  # the normal way to Running
 
 
 @dataclass
@@ -155,6 +156,12 @@ class Reconciler:
         if new_status["phase"] != old.get("phase"):
             kind = "Warning" if new_status["phase"] in WARNING_PHASES else "Normal"
             self.api.post_event(ftj, kind, new_status["phase"], _event_message(new_status))
+        if new_status["phase"] == Phase.Pending.value:
+            # Stuck or retrying without a phase change (Unschedulable, ImagePullBackOff, a failed attempt):
+            # a Warning the first time each reason appears, so `kubectl describe` shows why.
+            reason = _condition_reason(new_status, "Running")
+            if reason != _condition_reason(old, "Running") and reason not in QUIET_PENDING_REASONS:
+                self.api.post_event(ftj, "Warning", reason, _condition_message(new_status, "Running"))
         if changed and not _has_true(old, status_mod.SPEC_LOCKED):
             self.api.post_event(ftj, "Warning", "SpecChangeRefused", _condition_message(new_status, "SpecLocked"))
 

@@ -20,6 +20,7 @@ import base64
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -483,6 +484,9 @@ class NodeAgent:
         candidates = [f"127.0.0.{n}" for n in range(2, 255) if f"127.0.0.{n}" not in taken]
         if not candidates:
             raise RuntimeError("no free loopback address")
+        # In random order: a second agent on this machine (another control plane) checks the same ports in the
+        # seconds before our trainer binds them; the first free address would be the same for both.
+        random.shuffle(candidates)
         for ip in candidates:
             if all(_port_free(ip, port) for port in ports):
                 return ip

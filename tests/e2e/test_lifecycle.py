@@ -95,6 +95,8 @@ def test_a_pod_that_fits_no_node_is_unschedulable(stack, k8s):
              timeout=30)
     assert k8s.phase(name) == "Pending"
     assert "didn't match node selector" in k8s.condition(name, "Running")["message"]
+    warnings = wait_for("a Warning event", lambda: [e for e in k8s.events(name) if e["reason"] == "Unschedulable"])
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
     k8s.kubectl("delete", "ftj", name, "-n", k8s.namespace)
 
 

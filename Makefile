@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kubesloth-installed
 
-.PHONY: setup controlplane demo test test-unit crd clean
+.PHONY: setup controlplane demo test test-unit image-operator crd clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ test: setup controlplane
 	$(BIN)/pytest -q
 
 test-unit: setup
-	$(BIN)/pytest -q -m 'not cluster'
+	$(BIN)/pytest -q -m 'not cluster and not image'
+
+# The operator image without a Docker daemon (buildah, chroot isolation, a Debian base made by mmdebstrap).
+image-operator: setup
+	bash hack/build-operator-image.sh
 
 crd: setup
 	$(BIN)/kubesloth crd --write

@@ -27,6 +27,7 @@ from kubesloth.api import contract
 from kubesloth.api.v1alpha1 import Phase
 
 from . import status as status_mod
+from .builders import LABEL_GPU_PRODUCT
 from .status import parse_time, rfc3339  # the operator's one RFC 3339 format
 
 log = logging.getLogger("kubesloth.operator.progress")
@@ -35,7 +36,6 @@ SCRAPE_TIMEOUT_SECONDS = 2.0  # inside the job's reconcile: a hung pod must not 
 # The chart's price table (configmap gpu-prices.json) and its fallback price; 0 = cost not reported.
 PRICES_ENV = "KUBESLOTH_GPU_PRICES"
 DEFAULT_PRICE_ENV = "KUBESLOTH_DEFAULT_GPU_HOURLY_PRICE"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 LABEL_NAMESPACE = "namespace"
 LABEL_FINETUNEJOB = "finetunejob"
 
@@ -283,7 +283,7 @@ def gpu_product_of(spec: Mapping[str, Any], pod: Mapping[str, Any] | None) -> Op
     """The GPU the job runs on: spec.resources.gpuProduct, else the pod's nodeSelector on the GPU label."""
     product = (spec.get("resources") or {}).get("gpuProduct")
     if not product and pod is not None:
-        product = ((pod.get("spec") or {}).get("nodeSelector") or {}).get(GPU_PRODUCT_LABEL)
+        product = ((pod.get("spec") or {}).get("nodeSelector") or {}).get(LABEL_GPU_PRODUCT)
     return product
 
 

@@ -131,12 +131,13 @@ def build_progress(sample: TrainerSample, now: datetime,
         progress["totalSteps"] = total
     if step is not None:
         progress["display"] = f"{step}/{total if total is not None else '?'}"
-    optional = {
-        "epoch": _finite(sample.get(contract.METRIC_EPOCH), 4),
-        "loss": _finite(sample.get(contract.METRIC_LOSS), 6),
-        "tokensPerSecond": _finite(sample.get(contract.METRIC_TOKENS_PER_SECOND), 2),
-    }
-    progress.update({key: value for key, value in optional.items() if value is not None})
+    if step:  # before the first step the trainer's loss and throughput gauges hold their initial 0, not a reading
+        optional = {
+            "epoch": _finite(sample.get(contract.METRIC_EPOCH), 4),
+            "loss": _finite(sample.get(contract.METRIC_LOSS), 6),
+            "tokensPerSecond": _finite(sample.get(contract.METRIC_TOKENS_PER_SECOND), 2),
+        }
+        progress.update({key: value for key, value in optional.items() if value is not None})
     peak = sample.peak_gpu_memory_bytes
     if peak is not None:
         progress["peakGpuMemoryBytes"] = peak

@@ -80,9 +80,12 @@ def test_samples_of_another_job_and_garbage_are_not_progress():
 
 
 def test_before_the_first_step_progress_says_what_it_knows():
-    sample = prog.parse_trainer_metrics(exposition({contract.METRIC_STEP: 0, contract.METRIC_STEPS_PLANNED: 0}))
+    # A trainer still loading: its gauges exist at their initial 0 (prometheus-client's default).
+    sample = prog.parse_trainer_metrics(exposition({contract.METRIC_STEP: 0, contract.METRIC_STEPS_PLANNED: 0,
+                                                    contract.METRIC_LOSS: 0, contract.METRIC_TOKENS_PER_SECOND: 0}))
     progress = prog.build_progress(sample, NOW)
     assert progress["display"] == "0/?" and "totalSteps" not in progress
+    assert "loss" not in progress and "tokensPerSecond" not in progress  # a 0 that was never measured
 
 
 @pytest.mark.parametrize("count,text", [(0, "0"), (1023, "1023"), (1536, "1.5Ki"), (80 * 2**30, "80.0Gi"),

@@ -50,7 +50,6 @@ def finetunejob(name: str, dataset: str, steps: int) -> dict:
 @dataclass
 class Run:
     namespace: str
-    operator_port: int
     prometheus: PrometheusServer
     trainer_target: str
     progress_seen: list = field(default_factory=list)  # status.progress readings while Running
@@ -137,7 +136,7 @@ def run(cluster, kubectl, prometheus_bin, tmp_path_factory) -> Run:
                                       {"kubesloth-operator": [f"127.0.0.1:{operator_port}"],
                                        "kubesloth-trainer": [trainer_target]},
                                       rule_files=sorted(ALERTS_DIR.glob("*.yaml")))
-        result = Run(namespace, operator_port, prometheus, trainer_target)
+        result = Run(namespace, prometheus, trainer_target)
         selector = f'namespace="{namespace}", finetunejob="{MAIN}"'
         # Prometheus holds enough of the run: the step moved between its samples, and the operator has read
         # the trainer's plan and throughput a few times.
@@ -156,7 +155,8 @@ def run(cluster, kubectl, prometheus_bin, tmp_path_factory) -> Run:
                 break
             # Readings once the trainer knows its plan (before that, progress honestly says "0/?").
             if status.get("phase") == "Running" and (status.get("progress") or {}).get("totalSteps"):
-                if not result.progress_seen or result.progress_seen[-1]["updatedAt"] != status["progress"]["updatedAt"]:
+                seen = result.progress_seen
+                if not seen or seen[-1]["updatedAt"] != status["progress"]["updatedAt"]:
                     result.progress_seen.append(status["progress"])
                     if not result.kubectl_get:
                         shown = kubectl("get", "ftj", MAIN, "-n", namespace).stdout

@@ -101,6 +101,7 @@ _selector = {"type": "object", "additionalProperties": False, "minProperties": 1
              "properties": {"matchLabels": _labels, "matchExpressions": {"type": "array"}}}
 _endpoint = {"type": "object", "additionalProperties": False, "required": ["port"],
              "properties": {"port": {"type": "string"}, "path": {"type": "string"}, "interval": _duration,
+                            "honorLabels": {"type": "boolean"},
                             "scrapeTimeout": _duration}}
 _ns_selector = {"type": "object", "additionalProperties": False,
                 "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array",
@@ -345,6 +346,8 @@ def test_service_monitor_scrapes_the_metrics_service(rendered):
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == [p["name"] for p in service["spec"]["ports"]]
+    # The operator's per-job series carry the job's namespace: it must win over the scrape target's.
+    assert all(e["honorLabels"] is True for e in monitor["spec"]["endpoints"])
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
@@ -354,6 +357,7 @@ def test_pod_monitor_scrapes_the_trainer_pods_the_operator_builds(rendered):
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     port_names = [p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    assert all(e["honorLabels"] is True for e in monitor["spec"]["podMetricsEndpoints"])
     assert "metrics" in port_names
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
     namespaced = render({**VALUE_SETS["namespaced"], "podMonitor": {"enabled": True}}).one("PodMonitor")

@@ -23,6 +23,7 @@ from urllib3.exceptions import HTTPError
 
 from kubesloth.api.v1alpha1 import GROUP, PLURAL, VERSION
 
+from . import metrics, progress
 from .builders import ANNOTATION_FTJ, LABEL_FTJ
 from .kube import KubeApi
 from .reconcile import Reconciler
@@ -38,32 +39,9 @@ TRANSIENT_HTTP = {409, 429, 500, 502, 503, 504}
 def _serve_metrics() -> None:
     """The operator's own /metrics (operator/metrics.py), where KUBESLOTH_OPERATOR_PROMETHEUS_PORT says."""
     try:
-        from . import metrics  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    if hasattr(metrics, "serve_from_env"):
-        try:
-            metrics.serve_from_env()
-        except (OSError, ValueError) as err:  # a taken port must not keep the operator from reconciling
-            log.warning("operator metrics endpoint not started: %s", err)
-
-
-def _hooks() -> tuple[list, list]:
-    """Optional enrichers/observers from operator/progress.py and operator/metrics.py, when they exist."""
-    enrichers, observers = [], []
-    try:
-        from . import progress  # type: ignore[attr-defined]
-        if hasattr(progress, "enrich_status"):
-            enrichers.append(progress.enrich_status)
-    except ImportError:
-        pass
-    try:
-        from . import metrics  # type: ignore[attr-defined]
-        if hasattr(metrics, "observe_reconcile"):
-            observers.append(metrics.observe_reconcile)
-    except ImportError:
-        pass
-    return enrichers, observers
+        metrics.serve_from_env()
+    except (OSError, ValueError) as err:  # a taken port must not keep the operator from reconciling
+        log.warning("operator metrics endpoint not started: %s", err)
 
 
 def reconcile_or_retry(namespace: str, name: str) -> None:
@@ -118,9 +96,9 @@ def startup(settings: kopf.OperatorSettings, **_) -> None:
         # The kubeconfig itself says insecure-skip-tls-verify (the local control plane): one warning per
         # request would drown the log.
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    enrichers, observers = _hooks()
     _serve_metrics()
-    RECONCILER = Reconciler(KubeApi(), SETTINGS, enrichers=enrichers, observers=observers)
+    RECONCILER = Reconciler(KubeApi(), SETTINGS, enrichers=[progress.enrich_status],
+                            observers=[metrics.observe_reconcile])
     _stop.clear()
     threading.Thread(target=_resync_loop, name="kubesloth-resync", daemon=True).start()
 

@@ -131,7 +131,7 @@ def build_progress(sample: TrainerSample, now: datetime,
         progress["totalSteps"] = total
     if step is not None:
         progress["display"] = f"{step}/{total if total is not None else '?'}"
-    if step:  # before the first step the trainer's loss and throughput gauges hold their initial 0, not a reading
+    if step:  # before the first step there is no loss or throughput reading (the trainer exports none yet)
         optional = {
             "epoch": _finite(sample.get(contract.METRIC_EPOCH), 4),
             "loss": _finite(sample.get(contract.METRIC_LOSS), 6),

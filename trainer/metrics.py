@@ -33,14 +33,18 @@ class TrainingMetrics(Callback):
 
         self.step = gauge(contract.METRIC_STEP, "Optimizer steps done.").labels(**self.labels)
         self.planned = gauge(contract.METRIC_STEPS_PLANNED, "Optimizer steps planned.").labels(**self.labels)
-        self.epoch = gauge(contract.METRIC_EPOCH, "Fractional epoch.").labels(**self.labels)
-        self.loss = gauge(contract.METRIC_LOSS, "Training loss of the latest logging step.").labels(**self.labels)
-        self.lr = gauge(contract.METRIC_LR, "Current learning rate.").labels(**self.labels)
+        # Series that only mean something once a step is done are created at the first step: a loss or rate of
+        # 0 before it would plot as a real reading (the loss curve starting at 0).
+        self._per_step = {
+            "epoch": gauge(contract.METRIC_EPOCH, "Fractional epoch."),
+            "loss": gauge(contract.METRIC_LOSS, "Training loss of the latest logging step."),
+            "lr": gauge(contract.METRIC_LR, "Current learning rate."),
+            "tokens_per_second": gauge(contract.METRIC_TOKENS_PER_SECOND,
+                                       "Training throughput over the latest logging interval."),
+            "eta": gauge(contract.METRIC_ETA, "Estimated seconds to the last step."),
+        }
         self.tokens = Counter(_counter_base(contract.METRIC_TOKENS), "Tokens trained (resumed runs included).",
                               LABELS, registry=self.registry).labels(**self.labels)
-        self.tokens_per_second = gauge(contract.METRIC_TOKENS_PER_SECOND,
-                                       "Training throughput over the latest logging interval.").labels(**self.labels)
-        self.eta = gauge(contract.METRIC_ETA, "Estimated seconds to the last step.").labels(**self.labels)
         self._gpu = {
             "gpu_allocated": gauge(contract.METRIC_GPU_ALLOCATED, "torch.cuda.memory_allocated()."),
             "gpu_reserved": gauge(contract.METRIC_GPU_RESERVED, "torch.cuda.memory_reserved()."),
@@ -75,20 +79,19 @@ class TrainingMetrics(Callback):
     def on_step(self, event: StepEvent):
         self.step.set(event.step)
         self.planned.set(event.total_steps)
-        self.epoch.set(event.epoch)
-        self.loss.set(event.loss)
-        self.lr.set(event.learning_rate)
+        values = {"epoch": event.epoch, "loss": event.loss, "lr": event.learning_rate,
+                  "tokens_per_second": event.tokens_per_second, "eta": event.eta_seconds}
+        for key, value in values.items():
+            self._per_step[key].labels(**self.labels).set(value)
         if event.tokens_total > self._tokens_reported:
             self.tokens.inc(event.tokens_total - self._tokens_reported)
             self._tokens_reported = event.tokens_total
-        self.tokens_per_second.set(event.tokens_per_second)
-        self.eta.set(event.eta_seconds)
         for key, gauge in self._gpu.items():
             if key in event.memory:
                 gauge.labels(**self.labels).set(event.memory[key])
 
     def on_train_end(self, summary: dict):
-        self.eta.set(0)
+        self._per_step["eta"].labels(**self.labels).set(0)
 
 
 def metrics_from_env(job_namespace: str, job_name: str, monitor: Optional[DeviceMonitor]) -> TrainingMetrics:

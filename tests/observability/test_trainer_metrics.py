@@ -71,3 +71,17 @@ def test_trainer_endpoint_passes_promtool_and_parses_into_progress(promtool, dev
         assert "peakGpuMemoryBytes" not in progress  # no GPU series on CPU, and no made-up 0
     else:
         assert progress["peakGpuMemory"] == "33.4Gi"  # NVML's peak, above torch's 31Gi
+
+
+def test_per_step_series_appear_only_after_the_first_step():
+    metrics = TrainingMetrics("ns", "job")
+    metrics.on_train_start(StartEvent(engine="cpu", profile="custom", total_steps=30, start_step=0, tokens_seen=0,
+                                      examples=64, rows=64))
+    before = served_text(metrics)
+    assert 'kubesloth_train_step{finetunejob="job",namespace="ns"} 0.0' in before
+    for name in (contract.METRIC_LOSS, contract.METRIC_TOKENS_PER_SECOND, contract.METRIC_ETA):
+        assert f"{name}{{" not in before, f"{name} exported before any step"
+    metrics.on_step(StepEvent(step=1, total_steps=30, epoch=0.1, loss=2.5, learning_rate=3e-3, tokens_total=100,
+                              tokens_per_second=50.0, eta_seconds=29.0, memory={}))
+    after = served_text(metrics)
+    assert 'kubesloth_train_loss{finetunejob="job",namespace="ns"} 2.5' in after

@@ -3,6 +3,7 @@ plane), a namespace per test, the tiny model made once per session."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,10 @@ from kubesloth.local.cluster import REPO_ROOT
 
 from .stack import Cluster, Stack
 
-SLEEPER = f"python {REPO_ROOT / 'tests' / 'e2e' / 'sleeper.py'}"
+# Passed as `python -c <source>`, not as a file path: the pod mounts an emptyDir at /tmp and the node agent maps
+# mount paths to the pod's own folders, exactly as a container would hide the host's /tmp — a clone under /tmp
+# would make a path argument point into the pod's empty /tmp.
+SLEEPER = shlex.join(["python", "-c", (REPO_ROOT / "tests" / "e2e" / "sleeper.py").read_text()])
 
 
 @pytest.fixture(scope="session")

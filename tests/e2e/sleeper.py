@@ -1,6 +1,6 @@
 """A stand-in trainer for lifecycle tests where what trains does not matter (deadline, suspend, TTL, restarts).
 
-Set as the operator's trainer command (KUBESLOTH_OPERATOR_TRAINER_COMMAND="python tests/e2e/sleeper.py"), it reads
+Set as the operator's trainer command (KUBESLOTH_OPERATOR_TRAINER_COMMAND="python -c <this file>"), it reads
 the mounted FineTuneJob like the trainer does (KUBESLOTH_CONFIG, KUBESLOTH_PVC_ROOT), appends one line per start to
 <output>/starts.txt, runs `spec.training.maxSteps` seconds and exits 0; SIGTERM -> exit 6 (Interrupted) with a
 termination message, as the real trainer does after its checkpoint.

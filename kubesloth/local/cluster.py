@@ -144,14 +144,14 @@ class LocalCluster:
         for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
             pid = pids.get(name)
             if pid:
-                _stop(pid)
+                stop_process_group(pid)
         self.info_file.unlink(missing_ok=True)
 
     def is_up(self) -> bool:
         if not self.info_file.exists():
             return False
         pids = self.info().get("pids", {})
-        if len(pids) < 3 or not all(_alive(pid) for pid in pids.values()):
+        if len(pids) < 3 or not all(alive(pid) for pid in pids.values()):
             return False
         try:
             return self._get("/readyz") == "ok"
@@ -186,7 +186,7 @@ class LocalCluster:
         last: Exception | None = None
         while time.monotonic() < deadline:
             for name, pid in self.info()["pids"].items():
-                if not _alive(pid):
+                if not alive(pid):
                     raise ControlPlaneError(f"{name} died; see {self.state_dir / 'logs' / (name + '.log')}")
             try:
                 if self._get("/readyz") == "ok":
@@ -230,7 +230,7 @@ class LocalCluster:
         self.kubeconfig.chmod(0o600)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -245,15 +245,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _stop(pid: int, grace: float = 10.0) -> None:
+def stop_process_group(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM to the process group `pid` leads (started with start_new_session), SIGKILL after `grace`."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         return
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         time.sleep(0.1)
-    if _alive(pid):
+    if alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from kubesloth.api import contract
-from kubesloth.local.cluster import REPO_ROOT, LocalCluster, _alive
+from kubesloth.local.cluster import REPO_ROOT, LocalCluster, alive, stop_process_group
 
 CRD_FILE = REPO_ROOT / "crds" / "kubesloth.io_finetunejobs.yaml"
 DATA_FILE = REPO_ROOT / "examples" / "data" / "alpaca-tiny.jsonl"
@@ -55,9 +55,9 @@ class Background:
         if not self.pid_file.exists():
             return
         for name, pid in json.loads(self.pid_file.read_text()).items():
-            if _alive(pid):
+            if alive(pid):
                 say(f"stopping the {name} left by an earlier run (pid {pid})")
-                _stop_group(pid)
+                stop_process_group(pid, grace=15.0)
         self.pid_file.unlink()
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -74,23 +74,8 @@ class Background:
         if not self.pid_file.exists():
             return
         for pid in json.loads(self.pid_file.read_text()).values():
-            _stop_group(pid)
+            stop_process_group(pid, grace=15.0)
         self.pid_file.unlink()
-
-
-def _stop_group(pid: int, grace: float = 15.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.2)
-    if _alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def prepare_volumes(volumes: Path, spec: dict) -> Path:

@@ -4,6 +4,7 @@
 # Why this way: no cluster, no Docker and no GitHub downloads are possible here; Debian's archive is reachable.
 # Facts and pitfalls: ../shared/docs/test-control-plane.md.
 set -euo pipefail
+HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 KUBE_VERSION=v1.20.2
 DEB_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1
@@ -18,30 +19,16 @@ fi
 
 WORK="$CACHE_ROOT/build-$KUBE_VERSION"
 rm -rf "$WORK"
-mkdir -p "$WORK"/{apt/lists/partial,apt/sources.list.d,apt/archives/partial,debs,root,gopath/src/k8s.io} "$OUT/bin"
+mkdir -p "$WORK"/{debs,root,gopath/src/k8s.io} "$OUT/bin"
 cd "$WORK"
 
 log() { printf '[build-control-plane %s] %s\n' "$(date +%T)" "$*"; }
 
 # A private apt state: the system's sources and lists stay untouched.
-cat > apt/sources.list.d/bookworm.sources <<SRC
-Types: deb deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb deb-src
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-APT_OPTS=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$WORK/apt/sources.list.d"
-          -o "Dir::State::Lists=$WORK/apt/lists" -o "Dir::Cache::Archives=$WORK/apt/archives"
-          -o "Debug::NoLocking=1" -q)
+# shellcheck source=hack/lib/private-apt.sh
+source "$HACK_DIR/lib/private-apt.sh"
 log "apt-get update (private lists)"
-apt-get "${APT_OPTS[@]}" update >/dev/null
+private_apt "$WORK/apt" "deb deb-src"
 
 log "downloading the toolchain and etcd debs"
 (cd debs && apt-get "${APT_OPTS[@]}" download golang-1.19-go golang-1.19-src rsync libpopt0 \

@@ -16,28 +16,13 @@ fi
 mkdir -p "$CACHE_ROOT"
 WORK="$(mktemp -d "$CACHE_ROOT/prometheus-build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
-mkdir -p "$WORK"/{apt/lists/partial,apt/sources.list.d,apt/archives/partial,debs,root}
+mkdir -p "$WORK"/{debs,root}
 log() { printf '[install-prometheus %s] %s\n' "$(date +%T)" "$*" >&2; }
 
-# A private apt state: the system's sources and lists stay untouched.
-cat > "$WORK/apt/sources.list.d/bookworm.sources" <<SRC
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-APT_OPTS=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$WORK/apt/sources.list.d"
-          -o "Dir::State::Lists=$WORK/apt/lists" -o "Dir::Cache::Archives=$WORK/apt/archives"
-          -o "Debug::NoLocking=1" -q)
+# shellcheck source=hack/lib/private-apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/private-apt.sh"
 log "apt-get update (private lists)"
-apt-get "${APT_OPTS[@]}" update >/dev/null
+private_apt "$WORK/apt"
 
 log "downloading prometheus=$PROM_DEB_VERSION"
 (cd "$WORK/debs" && apt-get "${APT_OPTS[@]}" download "prometheus=$PROM_DEB_VERSION" >/dev/null)

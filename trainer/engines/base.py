@@ -35,6 +35,16 @@ class RunContext:
     checkpoint_every: int
     log: Any = print  # log(str): one line to the pod log
 
+    def training_data(self, tokenizer: Any):
+        """The job's dataset rendered and tokenized as every engine trains on it (trainer.data)."""
+        from kubesloth.trainer.data import build_training_data
+
+        spec = self.job.spec
+        return build_training_data(self.dataset_files, fmt=str(spec.dataset.format),
+                                   text_field=spec.dataset.text_field, max_samples=spec.dataset.max_samples,
+                                   tokenizer=tokenizer, max_seq_length=self.hp.max_seq_length,
+                                   packing=self.hp.packing)
+
 
 @dataclass
 class TrainResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubesloth.trainer.data import CausalLMCollator, build_training_data, ensure_pad_token
+from kubesloth.trainer.data import CausalLMCollator, ensure_pad_token
 from kubesloth.trainer.engines import hf
 from kubesloth.trainer.engines.base import RunContext, TrainResult
 
@@ -38,11 +38,7 @@ class CpuEngine:
         self.model = AutoModelForCausalLM.from_pretrained(ctx.model_path, dtype=torch.float32,
                                                           attn_implementation="sdpa", local_files_only=True)
         self.model.config.use_cache = False  # packed rows stay apart only without the KV cache
-        spec = ctx.job.spec
-        data = build_training_data(ctx.dataset_files, fmt=str(spec.dataset.format),
-                                   text_field=spec.dataset.text_field, max_samples=spec.dataset.max_samples,
-                                   tokenizer=self.tokenizer, max_seq_length=ctx.hp.max_seq_length,
-                                   packing=ctx.hp.packing)
+        data = ctx.training_data(self.tokenizer)
         self.probe_ids = data.rows[0][0][:32]
         args = TrainingArguments(**hf.training_arguments(ctx, len(data), use_cpu=True, bf16=False, fp16=False))
 

@@ -468,7 +468,7 @@ class FusedEngine:
 
     # --- setup ------------------------------------------------------------------------------------------------
     def setup(self, ctx) -> None:
-        from kubesloth.trainer.data import CausalLMCollator, build_training_data, ensure_pad_token
+        from kubesloth.trainer.data import CausalLMCollator, ensure_pad_token
 
         self.ctx = ctx
         hp = ctx.hp
@@ -481,11 +481,7 @@ class FusedEngine:
             budget = None
             self._load_cpu(ctx)
         pad_id = ensure_pad_token(self.tokenizer)
-        spec = ctx.job.spec
-        self.data = build_training_data(ctx.dataset_files, fmt=str(spec.dataset.format),
-                                        text_field=spec.dataset.text_field, max_samples=spec.dataset.max_samples,
-                                        tokenizer=self.tokenizer, max_seq_length=hp.max_seq_length,
-                                        packing=hp.packing)
+        self.data = ctx.training_data(self.tokenizer)
         self.probe_ids = self.data.rows[0][0][:32]
         self.collate = CausalLMCollator(pad_id, hp.packing)
         self.batch = merge_batch_semantics(hp.per_device_batch_size, hp.gradient_accumulation_steps)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from kubesloth.trainer.data import CausalLMCollator, build_training_data, ensure_pad_token
+from kubesloth.trainer.data import CausalLMCollator, ensure_pad_token
 from kubesloth.trainer.engines.base import RunContext, TrainResult
 
 _CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
@@ -58,10 +58,7 @@ class UnslothEngine:
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor for multimodal checkpoints
         pad_id = ensure_pad_token(self.tokenizer)
         self.model.config.use_cache = False
-        spec = ctx.job.spec
-        data = build_training_data(ctx.dataset_files, fmt=str(spec.dataset.format),
-                                   text_field=spec.dataset.text_field, max_samples=spec.dataset.max_samples,
-                                   tokenizer=self.tokenizer, max_seq_length=hp.max_seq_length, packing=hp.packing)
+        data = ctx.training_data(self.tokenizer)
         self.probe_ids = data.rows[0][0][:32]
         kwargs = hf.training_arguments(ctx, len(data), bf16=True, fp16=False)
         kwargs["gradient_checkpointing"] = False  # Unsloth applies the mode given to from_pretrained

@@ -75,6 +75,10 @@ class Throughput:
         self.start_step = start_step
         self.start_tokens = start_tokens
         self.last = (self.started, start_step, start_tokens)
+        # Every interval but the first (compilation, allocator warm-up): the rate a run settles at.
+        self.intervals = 0
+        self.steady_tokens = 0
+        self.steady_seconds = 0.0
 
     def update(self, step: int, tokens_total: int, total_steps: int) -> tuple[float, float]:
         now = self.clock()
@@ -82,6 +86,10 @@ class Throughput:
         self.last = (now, step, tokens_total)
         interval = max(now - last_time, 1e-9)
         rate = (tokens_total - last_tokens) / interval
+        self.intervals += 1
+        if self.intervals > 1:
+            self.steady_tokens += tokens_total - last_tokens
+            self.steady_seconds += interval
         done = step - self.start_step
         per_step = (now - self.started) / done if done > 0 else 0.0
         return rate, max(total_steps - step, 0) * per_step
@@ -90,6 +98,10 @@ class Throughput:
         """After a pause that is not training (a checkpoint write): the next rate starts from now."""
         _time, step, tokens = self.last
         self.last = (self.clock(), step, tokens)
+
+    def steady_tokens_per_second(self) -> Optional[float]:
+        """Tokens/s over every logging interval after the first, checkpoint writes left out; None before two."""
+        return self.steady_tokens / self.steady_seconds if self.steady_seconds > 0 else None
 
     def average_tokens_per_second(self) -> float:
         elapsed = self.clock() - self.started

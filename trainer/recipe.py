@@ -125,6 +125,8 @@ class Recipe:
             "wall_seconds": round(time.time() - self.started, 3),
             "tokens_per_second": round(result.tokens_trained / result.train_seconds, 1)
             if result.train_seconds > 0 else None,
+            "steady_tokens_per_second": round(result.steady_tokens_per_second, 1)
+            if result.steady_tokens_per_second else None,
             "final_loss": result.final_loss,
             "peak_memory": {
                 "gpu_reserved_peak_bytes": memory.get("gpu_peak"),

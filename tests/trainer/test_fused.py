@@ -237,6 +237,7 @@ def test_entry_point_trains_checkpoints_resumes_and_saves(tiny_model_dir, tmp_pa
     assert "per-parameter clipping" in log
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["engine"] == "fused" and summary["steps"] == 6
+    assert summary["steady_tokens_per_second"] > 0
     assert summary["tokens"] > 0 and summary["model"]["tensors_checked"] > 0
     assert (out / FINAL_MODEL_DIR / "model.safetensors").is_file()
     losses = [float(line.split(" loss ")[1].split()[0]) for line in log.splitlines() if "] step " in line]

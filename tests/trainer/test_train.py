@@ -48,6 +48,7 @@ def test_loss_falls_and_every_weight_is_trained(straight, tiny_model):
     summary = json.loads((directory / "out" / SUMMARY_FILE).read_text())
     assert summary["engine"] == "cpu" and summary["profile"] == "custom"
     assert summary["steps"] == 40 and summary["tokens"] > 0 and summary["tokens_per_second"] > 0
+    assert summary["steady_tokens_per_second"] > 0
     assert summary["final_loss"] == pytest.approx(losses[40], abs=1e-4)
     assert summary["peak_memory"]["host_rss_peak_bytes"] > 0
     assert summary["model"]["max_logit_diff"] == 0.0

@@ -60,6 +60,7 @@ class TrainResult:
     last_checkpoint: Optional[Checkpoint] = None
     checkpoint_seconds: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    steady_tokens_per_second: Optional[float] = None  # Throughput.steady_tokens_per_second()
 
 
 class Engine(Protocol):

@@ -733,6 +733,7 @@ class FusedEngine:
             stop = ctx.stop.is_set() and result.step < self.total_steps
             if stop or result.step % ctx.checkpoint_every == 0:
                 last_checkpoint = self._save_checkpoint(result.step, tokens_total)
+                throughput.restart_interval()  # the write is not training time
             if stop:
                 interrupted = True
                 raise _Stop()
@@ -748,7 +749,8 @@ class FusedEngine:
                            epoch=self.fused.step / self.steps_per_epoch, tokens_total=tokens_total,
                            tokens_trained=tokens_total - self.start_tokens, final_loss=self.last_loss,
                            train_seconds=time.monotonic() - started, interrupted=interrupted,
-                           last_checkpoint=last_checkpoint, losses=losses)
+                           last_checkpoint=last_checkpoint, losses=losses,
+                           steady_tokens_per_second=throughput.steady_tokens_per_second())
 
 
 class _Stop(Exception):

@@ -230,4 +230,5 @@ def run(trainer: Any, bridge: Bridge, ctx: RunContext) -> TrainResult:
         train_seconds=(time.monotonic() - bridge.train_started_at - bridge.checkpoint_seconds
                        if bridge.started else 0.0),
         interrupted=bridge.interrupted, last_checkpoint=bridge.last_checkpoint, losses=bridge.losses,
-        checkpoint_seconds=bridge.checkpoint_seconds)
+        checkpoint_seconds=bridge.checkpoint_seconds,
+        steady_tokens_per_second=bridge.throughput.steady_tokens_per_second() if bridge.throughput else None)

@@ -6,6 +6,8 @@ Both sides import these names; neither hard-codes them. Stdlib only.
 from __future__ import annotations
 
 import enum
+import re
+from typing import Optional
 
 # The FineTuneJob (wire form: apiVersion/kind/metadata{name,namespace,uid}/spec) is mounted from a ConfigMap.
 CONFIG_DIR = "/etc/kubesloth"
@@ -76,3 +78,26 @@ METRIC_GPU_DEVICE_USED = "kubesloth_gpu_device_memory_used_bytes"
 METRIC_GPU_DEVICE_PEAK = "kubesloth_gpu_device_memory_peak_bytes"
 METRIC_GPU_UTILIZATION = "kubesloth_gpu_utilization_ratio"
 METRIC_ETA = "kubesloth_train_eta_seconds"
+
+
+# The trainer's termination message on success. The operator reads it back for the final status.progress when the
+# run ended between two scrapes of the metrics endpoint (a short run can finish before the first one).
+_SUCCESS = re.compile(r"^trained (?P<step>\d+)/(?P<total>\d+) steps \((?P<tokens>\d+) tokens"
+                      r"(?:, (?P<rate>[0-9.]+) tokens/s)?\), final loss (?P<loss>[-+0-9.eEnaif]+);")
+
+
+def success_message(step: int, total: int, tokens: int, tokens_per_second: Optional[float], loss: float,
+                    saved_to: str) -> str:
+    rate = f", {tokens_per_second:.0f} tokens/s" if tokens_per_second else ""
+    return (f"trained {step}/{total} steps ({tokens} tokens{rate}), final loss {loss:.4f}; "
+            f"model saved and verified in {saved_to}")
+
+
+def parse_success_message(message: str) -> Optional[dict]:
+    """The figures of success_message(), or None when `message` is not one."""
+    match = _SUCCESS.match(message or "")
+    if not match:
+        return None
+    rate = match["rate"]
+    return {"step": int(match["step"]), "total_steps": int(match["total"]), "tokens": int(match["tokens"]),
+            "tokens_per_second": float(rate) if rate else None, "loss": float(match["loss"])}

@@ -293,6 +293,24 @@ def _running_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return max(running, key=lambda p: p["metadata"].get("creationTimestamp") or "") if running else None
 
 
+def _final_progress(pods: list[dict[str, Any]], now: datetime) -> Optional[dict[str, Any]]:
+    """status.progress from the succeeded trainer's termination message (api.contract.success_message)."""
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Succeeded":
+            continue
+        states = (pod.get("status") or {}).get("containerStatuses") or [{}]
+        message = ((states[0].get("state") or {}).get("terminated") or {}).get("message") or ""
+        figures = contract.parse_success_message(message.strip())
+        if figures:
+            progress = {"step": figures["step"], "totalSteps": figures["total_steps"],
+                        "display": f"{figures['step']}/{figures['total_steps']}", "loss": figures["loss"],
+                        "etaSeconds": 0.0, "updatedAt": rfc3339(now)}
+            if figures["tokens_per_second"]:
+                progress["tokensPerSecond"] = figures["tokens_per_second"]
+            return progress
+    return None
+
+
 def _failed_pods(pods: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
     """(uid, reason, finishedAt) of failed trainer pods, classified as status.py does (OOMKilled, exit codes)."""
     failures = []
@@ -340,6 +358,10 @@ def enrich_status(ftj: dict[str, Any], job: Optional[dict[str, Any]], pods: list
             progress.update(step=progress["totalSteps"], display=f"{progress['totalSteps']}/{progress['totalSteps']}",
                             etaSeconds=0.0, updatedAt=rfc3339(now))
             status["progress"] = progress
+        else:  # the run ended before any scrape: its own last words say how far it got
+            final = _final_progress(pods, now)
+            if final:
+                status["progress"] = final
     if phase in (Phase.Succeeded.value, Phase.Failed.value) and old.get("phase") != phase:
         end = parse_time(status.get("completionTime")) or now
         previous = old.get("cost") or {}

@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from kubesloth.api import contract
 from kubesloth.api.contract import EXIT_REASONS, TERMINATION_LOG, Env, ExitCode
 from kubesloth.trainer.config import config_path, load_job
 from kubesloth.trainer.errors import BadConfig, Interrupted, OutOfMemory, OutputUnwritable, TrainerFailure
@@ -142,10 +143,9 @@ def run(config: Optional[str], stop: threading.Event) -> str:
                                        f"at step {recipe.run_state.step} ({type(exc).__name__}: "
                                        f"{str(exc)[:200]})") from exc
             raise
-        rate = summary["tokens_per_second"]
-        return (f"trained {result.step}/{result.total_steps} steps ({result.tokens_total} tokens"
-                f"{f', {rate:.0f} tokens/s' if rate else ''}), final loss {result.final_loss:.4f}; "
-                f"model saved and verified in {saved.path}")
+        rate = summary["steady_tokens_per_second"] or summary["tokens_per_second"]
+        return contract.success_message(result.step, result.total_steps, result.tokens_total, rate,
+                                        result.final_loss, str(saved.path))
     finally:
         recipe.close()
 

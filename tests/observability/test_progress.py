@@ -187,6 +187,30 @@ def test_enricher_closes_progress_and_cost_when_the_job_succeeds():
     assert status["cost"] == {"gpuHourlyPrice": 2.0, "dollars": 2.0, "tokensPerDollar": 250.0}
 
 
+def test_a_run_that_ended_before_any_scrape_gets_its_progress_from_the_termination_message():
+    message = contract.success_message(30, 30, 61440, 1748.4, 2.11413, "/mnt/pvc/outputs/tiny/model")
+    pod = {"metadata": {"name": "tiny-trainer-x", "uid": "u1"},
+           "status": {"phase": "Succeeded", "containerStatuses": [{"state": {"terminated": {
+               "exitCode": 0, "reason": "Completed", "message": message}}}]}}
+    status = prog.enrich_status(FTJ, None, [pod], {"phase": "Succeeded"}, now=NOW, prices=prog.PriceTable())
+    progress = status["progress"]
+    assert progress["display"] == "30/30" and progress["step"] == progress["totalSteps"] == 30
+    assert progress["loss"] == pytest.approx(2.1141) and progress["tokensPerSecond"] == 1748.0
+    assert progress["etaSeconds"] == 0.0
+    # Anything else in the message (a failure's words, a log tail) is not read as progress.
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = "Traceback (most recent call last)"
+    assert "progress" not in prog.enrich_status(FTJ, None, [pod], {"phase": "Succeeded"}, now=NOW,
+                                                prices=prog.PriceTable())
+
+
+def test_success_message_round_trips():
+    text = contract.success_message(7, 24, 57344, None, float("nan"), "/out/model")
+    figures = contract.parse_success_message(text)
+    assert figures["step"] == 7 and figures["total_steps"] == 24 and figures["tokens"] == 57344
+    assert figures["tokens_per_second"] is None and figures["loss"] != figures["loss"]  # nan survives
+    assert contract.parse_success_message("InvalidConfig: spec.training.epochs") is None
+
+
 def test_enricher_counts_failed_trainer_pods():
     from kubesloth.operator import metrics
 

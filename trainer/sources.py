@@ -116,14 +116,22 @@ def _s3_download(ref: SourceRef, field: str) -> Path:
                              ) from None
 
 
+def _fetch(uri: str, kind: str, field: str) -> Path:
+    """The local path of a source: downloaded (hf://, s3://) or mapped (pvc://, file://); it must exist."""
+    ref = parse_uri(uri, field)
+    if ref.scheme == "hf":
+        path = _hf_download(ref, kind, field)
+    else:
+        path = _s3_download(ref, field) if ref.scheme == "s3" else local_path(ref)
+    if not path.exists():
+        raise SourceNotFound(f"{field}: {uri} not found (looked at {path})")
+    return path
+
+
 def resolve_model(uri: str) -> Path:
     """A local directory with config.json (and weights, tokenizer)."""
     field = "spec.model.source"
-    ref = parse_uri(uri, field)
-    path = (_hf_download(ref, "model", field) if ref.scheme == "hf" else
-            _s3_download(ref, field) if ref.scheme == "s3" else local_path(ref))
-    if not path.exists():
-        raise SourceNotFound(f"{field}: {uri} not found (looked at {path})")
+    path = _fetch(uri, "model", field)
     if not (path / "config.json").is_file():
         raise SourceNotFound(f"{field}: {uri} ({path}) is not a model directory: it has no config.json")
     return path
@@ -143,11 +151,7 @@ def dataset_files(path: Path, split: str) -> list[Path]:
 
 def resolve_dataset(uri: str, split: str) -> list[Path]:
     field = "spec.dataset.source"
-    ref = parse_uri(uri, field)
-    path = (_hf_download(ref, "dataset", field) if ref.scheme == "hf" else
-            _s3_download(ref, field) if ref.scheme == "s3" else local_path(ref))
-    if not path.exists():
-        raise SourceNotFound(f"{field}: {uri} not found (looked at {path})")
+    path = _fetch(uri, "dataset", field)
     if path.is_file() and not path.name.endswith(DATA_EXTENSIONS):
         raise BadConfig(f"{field}: {uri} is a {path.suffix or 'extensionless'} file; allowed: "
                         + ", ".join(DATA_EXTENSIONS))

@@ -29,6 +29,8 @@ import yaml
 
 from kubesloth.local.cluster import REPO_ROOT, free_port
 
+from e2e.stack import wait_for  # the e2e tests' poller (rootdir-relative, as tests/observability does)
+
 from .chart import CHART_DIR
 
 RELEASE_NAMESPACE = "kubesloth-system"
@@ -60,16 +62,6 @@ def _ftj(name: str, **spec) -> dict:
     doc["metadata"] = {"name": name}
     doc["spec"].update(spec)
     return doc
-
-
-def wait_for(what: str, probe, timeout: float = 60.0, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Release:

@@ -1,8 +1,11 @@
-"""GPU benchmark: baselines (plain Unsloth, plain transformers+TRL) and kubesloth's trainer profiles, side by side.
+"""GPU benchmark: baselines (plain Unsloth, plain transformers+TRL) and kubesloth's trainer profiles, side by side;
+and the memory planner's chosen plans through the trainer's entry point (plan-table).
 
-    python bench/gpu_bench.py models --out DIR [--shapes 8b,1b]       # random-init checkpoints + tokenizer + data
+    python bench/gpu_bench.py models --out DIR [--shapes 8b,1b] [--seqs 2048]  # random-init checkpoints + data
+    python bench/gpu_bench.py models --out DIR --rows PLAN_ROWS    # only the shapes and seqs the rows name
     python bench/gpu_bench.py table  --models DIR --shape 8b --rows ROW,ROW,... --out OUTDIR
     python bench/gpu_bench.py issue7 --models DIR --out OUTDIR        # trainer + unsloth engine: ckpt/resume/save
+    python bench/gpu_bench.py plan-table --models DIR --rows SHAPE:SEQ:BUDGET[:PROFILE],... --out OUTDIR
 
 Every run is its own process (Unsloth patches transformers at import; memory peaks must not mix). This process
 timestamps each line the child prints and samples NVML (device 0) every 10 ms while the child lives, so every
@@ -14,11 +17,14 @@ row is measured the same way whatever the engine:
 - torch reserved peak: the child's torch.cuda.max_memory_reserved(); NVML device peak: the sampler's maximum;
 - loss at each step: what the child logs (HF: the step's loss; kubesloth: its progress line).
 Trainer rows run `python -m kubesloth.trainer` with a generated FineTuneJob; the bench stops them after their
-last timed step (the 16 GB save is the issue7 check's business, not a throughput row's).
+last timed step (the 16 GB save is the issue7 check's business, not a throughput row's). plan-table rows also
+record the trainer's `[trainer] plan {JSON}` line (what the planner chose and predicted) beside the measurement.
 
-Data: 8 rows of exactly 2048 tokens of seeded random word ids; every engine gets the same token ids (baselines
-take them pre-tokenized from kubesloth's own data pipeline). With 8 rows and 8 sequences a step every step is a
-whole epoch, so the batch is the same whatever order a sampler picks: losses at equal steps are comparable.
+Tokenizer: a byte-level BPE with no merges (one token per byte under any tokenizer class). Data: 8 rows of seeded
+random letters and spaces, longer than the sequence, so every row is exactly maxSeqLength tokens; every engine
+gets the same token ids (baselines take them pre-tokenized from kubesloth's own data pipeline). With 8 rows and 8
+sequences a step every step is a whole epoch, so the batch is the same whatever order a sampler picks: losses at
+equal steps are comparable.
 """
 
 from __future__ import annotations
@@ -42,18 +48,33 @@ ROWS_IN_DATA = 8
 SEED = 3407
 LR = 1e-5  # small enough that the loss stays far from 0 over the table's steps (1e-4 memorises in 4)
 
+# Random-init shapes (bf16, save_pretrained). `arch` picks the config/model class; the rest are config fields.
 SHAPES = {
-    # Llama-3.1-8B and Llama-3.2-1B shapes (vocab 128256, GQA 8 KV heads, rope_theta 500000).
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=False),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=True),
-    # For a dry run of the harness on a CPU machine (trainer rows only: TRL's SFTTrainer needs a GPU).
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=False),
+    # Llama-3.1-8B (vocab 128256, GQA 8 KV heads, rope_theta 500000; 131072 positions so seq 16384 is allowed).
+    "8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False, rope_theta=500000.0,
+               max_position_embeddings=131072, rms_norm_eps=1e-5),
+    # Llama-3.2-1B (tied embeddings).
+    "1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0,
+               max_position_embeddings=131072, rms_norm_eps=1e-5),
+    # Qwen2.5-7B (7.616 B) and Qwen2.5-1.5B (1.544 B, tied): q/k/v biases, rope_theta 1e6.
+    "qwen7b": dict(arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                   num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+                   rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6),
+    "qwen1.5b": dict(arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                     num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+                     rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6),
+    # For dry runs of the harness on a CPU machine (trainer rows only: TRL's SFTTrainer needs a GPU).
+    "tiny": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+                 max_position_embeddings=131072, rms_norm_eps=1e-5),
+    "tiny-qwen": dict(arch="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6),
 }
-VOCAB = 128256
-SPECIAL = ["<|bos|>", "<|eos|>", "<|pad|>"]
+SPECIAL = ["<|bos|>", "<|eos|>", "<|pad|>"]  # ids 0, 1, 2; the 256 byte symbols follow (259 tokens in all)
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 # Rows of the table: what runs, its batch (sequences x accumulation) and its kind.
 ROWS = {
@@ -74,64 +95,123 @@ def log(msg: str) -> None:
 # --- models and data ------------------------------------------------------------------------------------------
 
 def build_tokenizer(out: Path):
-    """A word-level tokenizer whose vocabulary is exactly the model's: token i is the word `t{i}`."""
+    """A byte-level BPE with no merges: the specials, then the 256 `ByteLevel.alphabet()` symbols. Every byte is
+    one token under any tokenizer class transformers picks for the directory (a Qwen2 directory loads as
+    Qwen2Tokenizer, which rebuilds its own BPE pipeline from vocab + merges: a word-level tokenizer.json gave
+    ~0-2 tokens a row there; this one still gives one token per byte)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
-    vocab.update({f"t{i}": i for i in range(len(SPECIAL), VOCAB)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL[2]))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL[0], eos_token=SPECIAL[1],
-                                   pad_token=SPECIAL[2])
+                                   pad_token=SPECIAL[2], unk_token=None)
     fast.model_max_length = 131072
     fast.save_pretrained(out)
     return fast
 
 
+def model_config(shape: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    fields = dict(SHAPES[shape])
+    arch = fields.pop("arch")
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    return cls(bos_token_id=0, eos_token_id=1, pad_token_id=2, use_cache=False, **fields)
+
+
+def estimated_params(shape: str) -> int:
+    """Parameter count from the shape alone (weights only; norms and biases left out): orders the builds."""
+    f = SHAPES[shape]
+    hidden, inter, layers = f["hidden_size"], f["intermediate_size"], f["num_hidden_layers"]
+    kv_dim = f["num_key_value_heads"] * hidden // f["num_attention_heads"]
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter
+    return layers * per_layer + f["vocab_size"] * hidden * (1 if f["tie_word_embeddings"] else 2)
+
+
 def build_model(shape: str, out: Path) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
     if (out / "config.json").is_file():
         log(f"{shape}: {out} exists")
         return out
     t0 = time.time()
-    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2, use_cache=False, **SHAPES[shape])
+    config = model_config(shape)
+    cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[SHAPES[shape]["arch"]]
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
-    model.config.torch_dtype = torch.bfloat16
-    model.save_pretrained(out, safe_serialization=True)
-    build_tokenizer(out)
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.config.dtype = torch.bfloat16
+    tmp = out.with_name(out.name + ".partial")  # a build cut short never looks like a finished directory
+    model.save_pretrained(tmp, safe_serialization=True)
+    build_tokenizer(tmp)
     n = sum(p.numel() for p in model.parameters())
     del model
-    torch.cuda.empty_cache()
-    log(f"{shape}: {n / 1e9:.3f}B parameters written to {out} in {time.time() - t0:.1f}s")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    tmp.rename(out)
+    log(f"{shape}: {n / 1e9:.3f}B ({n:,}) parameters written to {out} in {time.time() - t0:.1f}s")
     return out
 
 
-def build_data(path: Path) -> Path:
+def data_path(models: Path, seq: int) -> Path:
+    return models / f"data-{seq}.jsonl"
+
+
+def build_data(path: Path, seq: int = SEQ) -> Path:
+    """ROWS_IN_DATA rows of seeded random lowercase letters and spaces, seq + 64 characters each: one token per
+    byte, so after the trainer's BOS and truncation every row is exactly `seq` tokens."""
     import random
 
-    rng = random.Random(SEED)
+    rng = random.Random(SEED + seq)
+    alphabet = LETTERS + " " * 5  # words of ~5 letters
     with path.open("w") as handle:
         for _ in range(ROWS_IN_DATA):
-            words = " ".join(f"t{rng.randrange(len(SPECIAL), VOCAB)}" for _ in range(SEQ + 64))
-            handle.write(json.dumps({"text": words}) + "\n")
+            text = "".join(rng.choice(alphabet) for _ in range(seq + 64))
+            handle.write(json.dumps({"text": text}) + "\n")
     return path
+
+
+def shapes_and_seqs(rows: str) -> tuple[list[str], list[int]]:
+    """The shapes and sequence lengths plan-table rows name (each once)."""
+    shapes, seqs = [], []
+    for row in parse_plan_rows(rows):
+        if row["shape"] not in shapes:
+            shapes.append(row["shape"])
+        if row["seq"] not in seqs:
+            seqs.append(row["seq"])
+    return shapes, seqs
 
 
 def cmd_models(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for shape in args.shapes.split(","):
+    shapes = [s for s in args.shapes.split(",") if s]
+    seqs = [int(s) for s in args.seqs.split(",") if s]
+    if args.rows:
+        shapes, seqs = shapes_and_seqs(args.rows)
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {', '.join(unknown)} (known: {', '.join(SHAPES)})")
+    # Data first (seconds), then the models smallest first: a build cut short by the time limit still leaves the
+    # small ones.
+    t0 = time.time()
+    build_data(out / "data.jsonl", SEQ)  # the table's and issue7's data (seq 2048)
+    for seq in seqs:
+        build_data(data_path(out, seq), seq)
+    log(f"data for seq {', '.join(map(str, seqs)) or '-'} (+ data.jsonl, seq {SEQ}) in {time.time() - t0:.1f}s")
+    for shape in sorted(shapes, key=estimated_params):
         build_model(shape, out / shape)
-    build_data(out / "data.jsonl")
     return 0
 
 
@@ -182,12 +262,56 @@ class NvmlPeak:
 
 BASELINE_STEP = re.compile(r"^BENCH step (\d+) loss (\S+)")
 BASELINE_MEM = re.compile(r"^BENCH memory reserved_peak=(\d+) allocated_peak=(\d+)")
-TRAINER_STEP = re.compile(r"\[trainer\] step (\d+)/(\d+) loss (\S+) .*gpu reserved (\S+)GiB peak (\S+)GiB")
+# The trainer's per-step line (trainer/callbacks.py ProgressLog): `[trainer] step 3/8 loss 11.9 lr ... tok/s ...
+# epoch ... eta ...s mem gpu reserved 18.61GiB peak 18.62GiB device 35.01GiB` on a GPU, `... mem rss 0.45GiB` on
+# CPU; a counter it has no value for is `-`.
+TRAINER_STEP = re.compile(r"\[trainer\] step (\d+)/(\d+) loss (\S+) ")
+TRAINER_GPU = re.compile(r" mem gpu reserved (\S+) peak (\S+)")
+# The trainer's memory plan, one line at setup: `[trainer] plan {JSON}` (keys may grow; parse_plan).
+TRAINER_PLAN = re.compile(r"\[trainer\] plan (\{.*)$")
+# Fallbacks for the sequences per step when there is no plan line: the fused engine's plan description, else the
+# entry point's `batch B x accumulation A`.
+TRAINER_FUSED = re.compile(r"\[trainer\] fused step on \S+: optimizer states (\S+), (\d+) sequences per step"
+                           r"(?:.*?, (\d+) decoder layers without checkpointing)?"
+                           r"(?:.*?torch memory cap ([0-9.]+) GiB)?")
+TRAINER_BATCH = re.compile(r"\[trainer\] engine \S+; profile \S+: batch (\d+) x accumulation (\d+)")
+
+
+def gib_bytes(text: str):
+    """`18.61GiB` -> bytes; `-` (or anything else) -> None."""
+    m = re.fullmatch(r"([0-9.]+)GiB", text)
+    return int(float(m[1]) * 2**30) if m else None
+
+
+def trainer_step(line: str):
+    """(step, total, loss, torch reserved peak bytes or None) of a trainer step line, else None."""
+    m = TRAINER_STEP.search(line)
+    if not m:
+        return None
+    try:
+        loss = float(m[3])
+    except ValueError:
+        loss = math.nan
+    gpu = TRAINER_GPU.search(line)
+    return int(m[1]), int(m[2]), loss, gib_bytes(gpu[2]) if gpu else None
+
+
+def parse_plan(line: str):
+    """The JSON object of a `[trainer] plan {JSON}` line (any keys; text after the object is ignored), else None."""
+    m = TRAINER_PLAN.search(line.rstrip("\n"))
+    if not m:
+        return None
+    try:
+        value, _end = json.JSONDecoder().raw_decode(m[1])
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def run_child(name: str, argv: list[str], env: dict, cwd: Path, log_path: Path, nvml: NvmlPeak,
-              last_step: int, timeout: float) -> dict:
-    """Run one row's process; returns its step timestamps/losses, peaks and exit status."""
+              last_step: int, timeout: float, on_line=None) -> dict:
+    """Run one row's process; returns its step timestamps/losses, peaks and exit status. on_line(line, seconds
+    since spawn) sees every line the child prints."""
     steps: dict[int, tuple[float, float]] = {}
     reserved_peak = None
     done_at = None
@@ -196,32 +320,45 @@ def run_child(name: str, argv: list[str], env: dict, cwd: Path, log_path: Path, 
     spawned = time.time()
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
-    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer = threading.Timer(max(timeout, 1.0), lambda: _kill_group(proc))
     timer.start()
     killed_after_last = False
     with log_path.open("w") as out:
         for line in proc.stdout:
             now = time.time()
             out.write(f"{now - spawned:9.3f} {line}")
-            m = BASELINE_STEP.match(line) or TRAINER_STEP.search(line)
+            if on_line:
+                on_line(line, now - spawned)
+            m = BASELINE_STEP.match(line)
+            parsed = trainer_step(line) if not m else None
             if m:
-                step, loss = int(m[1]), float(m[3] if m.re is TRAINER_STEP else m[2])
+                steps[int(m[1])] = (now - spawned, float(m[2]))
+            elif parsed:
+                step, _total, loss, peak = parsed
                 steps[step] = (now - spawned, loss)
-                if m.re is TRAINER_STEP:
-                    reserved_peak = int(float(m[5]) * 2**30)
-                if m.re is TRAINER_STEP and step >= last_step and not killed_after_last:
+                if peak is not None:
+                    reserved_peak = peak
+                if step >= last_step and not killed_after_last:
                     # Measured: stop the trainer instead of letting it save 16 GB (see the module doc).
                     done_at = now - spawned
                     killed_after_last = True
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    _kill_group(proc)
             m = BASELINE_MEM.match(line)
             if m:
                 reserved_peak = int(m[1])
     code = proc.wait()
     timer.cancel()
     return {"name": name, "exit_code": code, "timed_out": code == -9 and not killed_after_last,
+            "killed_after_last": killed_after_last,
             "steps": {k: v for k, v in sorted(steps.items())}, "torch_reserved_peak": reserved_peak,
             "nvml_peak": nvml.peak, "nvml_idle": idle_used, "wall": time.time() - spawned, "done_at": done_at}
+
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def summarise(row: dict, params: int, warmup: int, seqs_per_step: int) -> dict:
@@ -294,13 +431,13 @@ def cmd_child_baseline(args) -> int:
 # --- the table ------------------------------------------------------------------------------------------------
 
 def trainer_job(model_dir: Path, data: Path, out: Path, spec_row: dict, steps: int, checkpoint_every: int,
-                name: str, profile: str = None, training_extra: dict = None) -> dict:
+                name: str, profile: str = None, training_extra: dict = None, seq: int = SEQ) -> dict:
     training = {"profile": profile or spec_row["profile"], "maxSteps": steps, "learningRate": LR,
                 "lrScheduler": "constant", "warmupRatio": 0.0, "weightDecay": 0.0, "maxGradNorm": 1.0,
                 "seed": SEED, "loggingSteps": 1, **(training_extra or {})}
     job = {"apiVersion": "kubesloth.io/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": name, "namespace": "bench"},
-           "spec": {"model": {"source": f"file://{model_dir}", "maxSeqLength": SEQ},
+           "spec": {"model": {"source": f"file://{model_dir}", "maxSeqLength": seq},
                     "dataset": {"source": f"file://{data}", "format": "text", "textField": "text"},
                     "training": training,
                     "output": {"destination": f"file://{out}", "checkpointEverySteps": checkpoint_every,
@@ -450,6 +587,13 @@ def write_results(out: Path, args, results: list[dict], params: int) -> str:
     return table
 
 
+def _versions_once() -> dict:
+    global _VERSIONS
+    if _VERSIONS is None:
+        _VERSIONS = versions()
+    return _VERSIONS
+
+
 def versions() -> dict:
     from importlib import metadata
 
@@ -466,6 +610,296 @@ def versions() -> dict:
     except Exception:
         pass
     return found
+
+
+# --- plan-table: the memory planner's chosen plans, through the trainer's entry point --------------------------
+
+PROFILES = ("auto", "lean", "fast", "custom")
+
+
+def parse_plan_rows(text: str) -> list[dict]:
+    """`SHAPE:SEQ:BUDGET[:PROFILE]`, comma-separated (rows may repeat). BUDGET is resources.gpuMemoryGiB in GiB,
+    or `-` for none (the card); PROFILE defaults to auto."""
+    rows = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) not in (3, 4):
+            raise SystemExit(f"plan row {item!r}: expected SHAPE:SEQ:BUDGET[:PROFILE], e.g. 8b:16384:24")
+        shape, seq_text, budget_text = parts[:3]
+        profile = parts[3] if len(parts) == 4 else "auto"
+        if shape not in SHAPES:
+            raise SystemExit(f"plan row {item!r}: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+        if not seq_text.isdigit() or not 16 <= int(seq_text) <= SHAPES[shape]["max_position_embeddings"]:
+            raise SystemExit(f"plan row {item!r}: SEQ must be 16..{SHAPES[shape]['max_position_embeddings']}")
+        if budget_text.lower() in ("-", "none", ""):
+            budget = None
+        else:
+            try:
+                budget = float(budget_text)
+            except ValueError:
+                budget = -1.0
+            if not 0 < budget <= 4096:
+                raise SystemExit(f"plan row {item!r}: BUDGET must be GiB in (0, 4096] or '-'")
+            budget = int(budget) if budget.is_integer() else budget
+        if profile not in PROFILES:
+            raise SystemExit(f"plan row {item!r}: unknown profile {profile!r} (known: {', '.join(PROFILES)})")
+        rows.append({"row": item, "shape": shape, "seq": int(seq_text), "budget_gib": budget, "profile": profile})
+    if not rows:
+        raise SystemExit("no plan rows given")
+    return rows
+
+
+class PlanWatch:
+    """What a trainer child says about its plan: the `[trainer] plan {JSON}` line (the last one wins), the engine
+    and resolved profile, the fallbacks for the sequences per step, and the last lines (for failures)."""
+
+    def __init__(self, keep: int = 8):
+        self.plan = None
+        self.plan_at = None
+        self.described = None  # the fused engine's plan description (`fused step on cuda: ...`)
+        self.batch = None
+        self.engine = None
+        self.profile = None
+        self.tail: list[str] = []
+        self.keep = keep
+
+    def __call__(self, line: str, seconds: float) -> None:
+        text = line.rstrip("\n")
+        plan = parse_plan(text)
+        if plan is not None:
+            self.plan, self.plan_at = plan, seconds
+        m = TRAINER_FUSED.search(text)
+        if m:
+            self.described = {"placement": m[1], "sequences_per_step": int(m[2]),
+                              "uncheckpointed_layers": int(m[3] or 0),
+                              "torch_cap_bytes": int(float(m[4]) * 2**30) if m[4] else None}
+        m = TRAINER_BATCH.search(text)
+        if m:
+            self.batch = int(m[1]) * int(m[2])
+            engine = re.search(r"\[trainer\] engine (\S+); profile (\S+):", text)
+            self.engine, self.profile = engine[1], engine[2]
+        self.tail = (self.tail + [text[:400]])[-self.keep:]
+
+    def sequences_per_step(self) -> tuple[int | None, str | None]:
+        if self.plan and isinstance(self.plan.get("sequences_per_step"), int):
+            return self.plan["sequences_per_step"], "plan"
+        if self.described:
+            return self.described["sequences_per_step"], "fused plan description"
+        if self.batch:
+            return self.batch, "batch x accumulation"
+        return None, None
+
+
+def step_tokens(step: int, sequences_per_step: int, seq: int, rows: int = ROWS_IN_DATA) -> int:
+    """Tokens trained at `step` (1-based): every data row is exactly `seq` tokens, and an epoch's last batch has
+    the rows left over (trainer engines: `batches_from`), so a step trains min(seqs, rows left) rows."""
+    per_epoch = max(math.ceil(rows / sequences_per_step), 1)
+    index = (step - 1) % per_epoch
+    return min(sequences_per_step, rows - index * sequences_per_step) * seq
+
+
+def rel_error(predicted, measured):
+    """(predicted - measured) / measured; None when either is missing."""
+    if predicted is None or not measured:
+        return None
+    try:
+        return (float(predicted) - float(measured)) / float(measured)
+    except (TypeError, ValueError):
+        return None
+
+
+def summarise_plan_row(row: dict, raw: dict, watch: PlanWatch, params: int, warmup: int) -> dict:
+    steps = raw["steps"]
+    plan = watch.plan
+    seqs, seqs_from = watch.sequences_per_step()
+    predicted = plan.get("predicted") if plan and isinstance(plan.get("predicted"), dict) else None
+    # The plan line's fields, else what the fused engine's description line says (same meaning, less of it).
+    chosen = plan or watch.described or {}
+    out = dict(row)
+    out.update(params=params, engine=watch.engine, resolved_profile=watch.profile, plan=plan,
+               plan_at_s=watch.plan_at, described=watch.described, placement=chosen.get("placement"),
+               sequences_per_step=seqs, sequences_per_step_from=seqs_from,
+               uncheckpointed_layers=chosen.get("uncheckpointed_layers"), budget_bytes=chosen.get("budget_bytes"),
+               torch_cap_bytes=chosen.get("torch_cap_bytes"), fits=(plan or {}).get("fits"),
+               optimizer=(plan or {}).get("optimizer"),
+               predicted=None if predicted is None else {
+                   k: predicted.get(k) for k in ("torch_reserved_bytes", "device_bytes", "tokens_per_second")})
+    for key in ("exit_code", "timed_out", "killed_after_last", "torch_reserved_peak", "nvml_peak", "nvml_idle",
+                "wall"):
+        out[key] = raw.get(key)
+    out["losses"] = {k: v[1] for k, v in steps.items()}
+    out["step_times"] = {k: round(v[0], 3) for k, v in steps.items()}
+    out["first_step_s"] = steps[1][0] if 1 in steps else None
+    last = max(steps) if steps else 0
+    out["tokens_per_s"] = out["mfu"] = out["timed_steps"] = None
+    if seqs and warmup in steps and last > warmup and steps[last][0] > steps[warmup][0]:
+        tokens = sum(step_tokens(k, seqs, row["seq"]) for k in range(warmup + 1, last + 1))
+        out["tokens_per_s"] = tokens / (steps[last][0] - steps[warmup][0])
+        out["mfu"] = 6 * params * out["tokens_per_s"] / PEAK_FLOPS
+        out["timed_steps"] = last - warmup
+    p = out["predicted"] or {}
+    out["err_torch_reserved"] = rel_error(p.get("torch_reserved_bytes"), out["torch_reserved_peak"])
+    out["err_device"] = rel_error(p.get("device_bytes"), out["nvml_peak"])
+    out["err_tokens_per_s"] = rel_error(p.get("tokens_per_second"), out["tokens_per_s"])
+    out["tail"] = watch.tail
+    return out
+
+
+def wait_for_drain(nvml: NvmlPeak, baseline, slack: int = 1 << 30, limit: float = 15.0) -> float:
+    """After a killed child, wait (at most `limit` s) until the device is back near `baseline` used bytes, so the
+    next row's NVML peak does not include the last one's memory; returns the seconds waited."""
+    if baseline is None or nvml.used() is None:
+        return 0.0
+    t0 = time.time()
+    while nvml.used() > baseline + slack and time.time() - t0 < limit:
+        time.sleep(0.2)
+    return time.time() - t0
+
+
+def cmd_plan_table(args) -> int:
+    models = Path(args.models)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = parse_plan_rows(args.rows)
+    steps = args.warmup + args.timed
+    nvml = NvmlPeak()
+    baseline = nvml.used()
+    deadline = time.time() + args.budget
+    params: dict[str, int] = {}
+    seen_arch: set[str] = set()
+    results: list[dict] = []
+    for index, row in enumerate(rows):
+        name = row["row"]
+        left = deadline - time.time()
+        model_dir, data = models / row["shape"], data_path(models, row["seq"])
+        missing = [str(p) for p in (model_dir / "config.json", data) if not p.is_file()]
+        if left < args.min_row_seconds or missing:
+            why = f"{left:.0f}s of the budget left" if not missing else f"missing {', '.join(missing)}"
+            log(f"{name}: skipped, {why}")
+            results.append({**row, "skipped": why})
+            write_plan_results(out, args, results)
+            continue
+        if row["shape"] not in params:
+            params[row["shape"]] = param_count(model_dir)
+        arch = SHAPES[row["shape"]]["arch"]
+        marker = cache / f".bench-warm-{arch}"
+        cold = arch not in seen_arch and not marker.exists()
+        run_id = f"plan-{index:02d}-{re.sub('[^A-Za-z0-9_.-]', '_', name)}"
+        job = trainer_job(model_dir, data, work / f"out-{run_id}", {"gpu_memory_gib": row["budget_gib"]}, steps,
+                          checkpoint_every=100000, name=f"bench-plan-{index:02d}", profile=row["profile"],
+                          seq=row["seq"])
+        config = work / f"job-{run_id}.yaml"
+        config.write_text(json.dumps(job))
+        termination = work / f"termination-{run_id}"
+        termination.unlink(missing_ok=True)
+        extra = {"KUBESLOTH_TERMINATION_LOG": str(termination)}
+        if args.engine:
+            extra["KUBESLOTH_ENGINE"] = args.engine
+        argv = [sys.executable, "-m", "kubesloth.trainer", "--config", str(config)]
+        timeout = min(left, args.row_timeout)
+        log(f"{name}: start ({'cold' if cold else 'warm'} {arch} compile cache), {left:.0f}s of budget left, "
+            f"row timeout {timeout:.0f}s")
+        watch = PlanWatch()
+        raw = run_child(name, argv, child_env(cache, extra), work, out / f"{run_id}.log", nvml, last_step=steps,
+                        timeout=timeout, on_line=watch)
+        result = summarise_plan_row(row, raw, watch, params[row["shape"]], args.warmup)
+        result.update(arch=arch, cache="cold" if cold else "warm", log=f"{run_id}.log",
+                      termination=termination.read_text()[:600] if termination.is_file() else None)
+        if result["first_step_s"] is not None:
+            seen_arch.add(arch)
+            marker.touch()
+        results.append(result)
+        waited = wait_for_drain(nvml, baseline)
+        log(f"{name}: exit {result['exit_code']}{' (timed out)' if result['timed_out'] else ''}, plan "
+            f"{plan_text(result)}, {result['tokens_per_s'] or 0:.0f} tok/s, torch reserved "
+            f"{fmt_gib(result['torch_reserved_peak'])} GiB, NVML {fmt_gib(result['nvml_peak'])} GiB, first step "
+            f"{result['first_step_s'] or 0:.1f}s, wall {result['wall']:.0f}s (+{waited:.1f}s drain)")
+        write_plan_results(out, args, results)
+    nvml.stop()
+    table = write_plan_results(out, args, results)
+    print(table, flush=True)
+    return 0
+
+
+def plan_text(r: dict) -> str:
+    if not r.get("plan") and not r.get("sequences_per_step"):
+        return "-"
+    parts = [str(r.get("placement") or "?"), f"{r.get('sequences_per_step') or '?'} seq/step"]
+    if r.get("uncheckpointed_layers"):
+        parts.append(f"{r['uncheckpointed_layers']} layers unckpt")
+    if r.get("torch_cap_bytes"):
+        parts.append(f"torch cap {r['torch_cap_bytes'] / 2**30:.1f}G")
+    if r.get("fits") is False:
+        parts.append("predicted NOT to fit")
+    if not r.get("plan"):
+        parts.append("(no plan line" + (": from the engine's description)" if r.get("described") else ")"))
+    return ", ".join(parts)
+
+
+def _pct(value) -> str:
+    return f"{value * 100:+.1f}%" if value is not None else "-"
+
+
+def _trio(predicted, measured, error, fmt) -> str:
+    p = fmt(predicted) if predicted is not None else "-"
+    m = fmt(measured) if measured is not None else "-"
+    return f"{p} / {m} ({_pct(error)})"
+
+
+def plan_markdown(results: list[dict]) -> str:
+    lines = ["| row | params | engine / profile | plan | torch GiB pred / meas (err) | device GiB pred / NVML "
+             "(err) | tokens/s pred / meas (err) | MFU(6N) | first step s | cache | loss first → last | exit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def gib(v):
+        return f"{v / 2**30:.1f}"
+
+    def rate(v):
+        return f"{v:.0f}"
+
+    for r in results:
+        if r.get("skipped"):
+            lines.append(f"| {r['row']} | | | skipped: {r['skipped']} | | | | | | | | |")
+            continue
+        p = r.get("predicted") or {}
+        losses = r.get("losses") or {}
+        loss = f"{losses[min(losses)]:.4f} → {losses[max(losses)]:.4f}" if losses else "-"
+        code = r["exit_code"]
+        exit_text = (f"ok (killed after step {max(losses)})" if r.get("killed_after_last")
+                     else f"{code}, timed out" if r.get("timed_out") else str(code))
+        cells = [
+            r["row"], f"{r['params'] / 1e9:.2f}B" if r["params"] >= 1e8 else f"{r['params'] / 1e6:.2f}M",
+            f"{r.get('engine') or '-'} / {r.get('resolved_profile') or '-'}",
+            plan_text(r),
+            _trio(p.get("torch_reserved_bytes"), r.get("torch_reserved_peak"), r.get("err_torch_reserved"), gib),
+            _trio(p.get("device_bytes"), r.get("nvml_peak"), r.get("err_device"), gib),
+            _trio(p.get("tokens_per_second"), r.get("tokens_per_s"), r.get("err_tokens_per_s"), rate),
+            f"{r['mfu']:.2f}" if r.get("mfu") is not None else "-",
+            f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "-",
+            r.get("cache", "-"), loss, exit_text]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_VERSIONS = None
+
+
+def write_plan_results(out: Path, args, results: list[dict]) -> str:
+    meta = {"rows": args.rows, "warmup": args.warmup, "timed": args.timed, "steps": args.warmup + args.timed,
+            "data_rows": ROWS_IN_DATA, "lr": LR, "seed": SEED, "peak_flops": PEAK_FLOPS, "budget_s": args.budget,
+            "row_timeout_s": args.row_timeout, "engine": args.engine or os.environ.get("KUBESLOTH_ENGINE"),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions_once(),
+            "command": " ".join(sys.argv)}
+    (out / "plan-table.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2, default=str))
+    table = plan_markdown(results)
+    (out / "plan-table.md").write_text(table)
+    return table
 
 
 # --- issue 7: the trainer's unsloth engine through the entry point: checkpoint, SIGTERM, resume, save --------------
@@ -538,8 +972,24 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("models")
     p.add_argument("--out", required=True)
-    p.add_argument("--shapes", default="8b,1b")
+    p.add_argument("--shapes", default="8b,1b", help=f"comma-separated, of: {', '.join(SHAPES)}")
+    p.add_argument("--seqs", default=str(SEQ), help="sequence lengths to write data-SEQ.jsonl for")
+    p.add_argument("--rows", help="plan-table rows: build the shapes and data they name (overrides the above)")
     p.set_defaults(func=cmd_models)
+    p = sub.add_parser("plan-table", help="the memory planner's plans through the trainer, across shapes, "
+                                          "sequence lengths and budgets")
+    p.add_argument("--models", required=True)
+    p.add_argument("--rows", required=True, help="SHAPE:SEQ:BUDGET[:PROFILE],... e.g. 8b:16384:24,qwen7b:8192:48")
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", default="/tmp/bench-work")
+    p.add_argument("--cache", default="/tmp/bench-cache", help="persistent compile-cache path")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps (not timed)")
+    p.add_argument("--timed", type=int, default=5, help="timed steps after the warm-up")
+    p.add_argument("--budget", type=float, default=480, help="seconds for all rows")
+    p.add_argument("--row-timeout", type=float, default=180, help="seconds a row may run at most")
+    p.add_argument("--min-row-seconds", type=float, default=45, help="skip a row with less budget left")
+    p.add_argument("--engine", help="KUBESLOTH_ENGINE for the trainer (default: the environment's, else auto)")
+    p.set_defaults(func=cmd_plan_table)
     for name, func in (("table", cmd_table), ("issue7", cmd_issue7)):
         p = sub.add_parser(name)
         p.add_argument("--models", required=True)

@@ -2,13 +2,20 @@
 # Runs the GPU benchmark on the offline H200 (from the repo root, with .whl/ from ../shared/gpu/fetch_wheels.sh).
 #   bash bench/h200.sh issue7 ROWS   # models (8b, 1b), the issue-7 trainer check on 1b, then table ROWS on 8b
 #   bash bench/h200.sh table ROWS    # models (8b), then table ROWS on 8b
-# ROWS: comma-separated rows of bench/gpu_bench.py (e.g. unsloth-1x4,unsloth-8x1,hf-1x4,lean,lean-24g,fast).
+#   bash bench/h200.sh plan ROWS     # the shapes and data ROWS name (smallest first), then plan-table ROWS
+# ROWS for issue7/table: rows of bench/gpu_bench.py (e.g. unsloth-1x4,unsloth-8x1,hf-1x4,lean,lean-24g,fast);
+# for plan: SHAPE:SEQ:BUDGET[:PROFILE],... (e.g. 8b:16384:24,qwen7b:8192:48,qwen1.5b:2048:80).
 # Everything must end inside the device tool's 10 minutes: BUDGET (seconds, default 570) bounds the whole script
-# and the table skips rows that no longer fit. Results land in $OUT (at most 8 files come back: the table JSON
-# and markdown, issue7.json, and one tarball of all logs).
+# and the tables skip rows that no longer fit. TABLE_ARGS / PLAN_ARGS add flags to table / plan-table (e.g.
+# PLAN_ARGS="--warmup 3 --timed 5 --row-timeout 150"). Results land in $OUT (at most 8 files come back: the table
+# JSON and markdown, issue7.json, and one tarball of all logs).
 set -uo pipefail
-phase=${1:?phase: issue7 or table}
-rows=${2:-unsloth-1x4,unsloth-8x1,hf-1x4,lean,lean-24g,fast}
+phase=${1:?phase: issue7, table or plan}
+case "$phase" in
+  issue7|table) rows=${2:-unsloth-1x4,unsloth-8x1,hf-1x4,lean,lean-24g,fast} ;;
+  plan) rows=${2:-qwen1.5b:2048:80,8b:2048:24,8b:16384:24,qwen7b:8192:48} ;;
+  *) echo "unknown phase $phase (issue7, table or plan)" >&2; exit 2 ;;
+esac
 budget=${BUDGET:-570}
 OUT=${OUT:-/tmp/bench-out}
 res=/tmp/bench-results
@@ -27,8 +34,20 @@ export PYTHONSAFEPATH=1 PYTHONPATH=/tmp/shim:/tmp/site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee $res/gpu.txt
 python3 -c "import kubesloth.trainer.engines.fused" || exit 1
+echo "setup: ${SECONDS}s"
 
 models=/tmp/models
+if [ "$phase" = plan ]; then
+  # Only what the rows name: data for their sequence lengths, then their shapes, smallest first (disk: 64 GiB;
+  # 8b 16 GB + qwen7b 15 GB + qwen1.5b 3 GB fit, nothing else big).
+  python3 bench/gpu_bench.py models --out $models --rows "$rows" 2>&1 | tee $res/models.log | grep bench
+  df -h /tmp | tail -1 | tee -a $res/models.log
+  left=$((budget - SECONDS))
+  echo "plan-table: ${left}s left for rows $rows"
+  python3 bench/gpu_bench.py plan-table --models $models --rows "$rows" --out $res --cache /tmp/cache-plan \
+    --work /tmp/bench-work --budget $((left - 10)) ${PLAN_ARGS:-} 2>&1 | tee $res/plan-table.out
+  exit 0
+fi
 if [ "$phase" = issue7 ]; then
   python3 bench/gpu_bench.py models --out $models --shapes 8b,1b 2>&1 | tee $res/models.log | grep bench
   python3 bench/gpu_bench.py issue7 --models $models --out $res --cache /tmp/cache-1b 2>&1 | tee $res/issue7.out

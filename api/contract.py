@@ -16,7 +16,9 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE_NAME}"
 
 # pvc://CLAIM/path resolves to PVC_ROOT/CLAIM/path inside the pod (the operator mounts each claim there).
 PVC_ROOT = "/mnt/pvc"
-# Unsloth / inductor compile caches: on the output volume so a restarted pod starts warm.
+# Unsloth / inductor / Triton compile caches and the Hugging Face cache (the image's HF_HOME etc. point here):
+# a writable emptyDir in the pod, whose root filesystem is read-only.
+CACHE_DIR = "/var/cache/kubesloth"
 TERMINATION_LOG = "/dev/termination-log"
 METRICS_PORT = 9400
 
@@ -33,6 +35,8 @@ class Env(str, enum.Enum):
     JOB_NAME = "KUBESLOTH_FINETUNEJOB"  # the FineTuneJob's name (metric label)
     NAMESPACE = "KUBESLOTH_NAMESPACE"  # its namespace (metric label)
     HF_TOKEN = "HF_TOKEN"  # from spec.model.tokenSecretRef; never logged
+    # The pod's terminationGracePeriodSeconds: how long the trainer has from SIGTERM to SIGKILL.
+    TERMINATION_GRACE_SECONDS = "KUBESLOTH_TERMINATION_GRACE_SECONDS"
 
 
 class ExitCode(enum.IntEnum):
@@ -46,6 +50,9 @@ class ExitCode(enum.IntEnum):
     OUT_OF_MEMORY = 5  # CUDA/host out of memory inside the trainer (OutOfMemory)
     INTERRUPTED = 6  # SIGTERM/SIGINT after a checkpoint was written: resumable (Interrupted)
 
+
+# Exit codes that mean the same input fails again: no retry (podFailurePolicy FailJob; the operator on v1.20).
+DETERMINISTIC_EXIT_CODES = frozenset({ExitCode.BAD_CONFIG, ExitCode.SOURCE_NOT_FOUND, ExitCode.OUTPUT_UNWRITABLE})
 
 EXIT_REASONS = {
     ExitCode.ERROR: "TrainerError",

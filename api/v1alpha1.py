@@ -227,7 +227,19 @@ class FineTuneJobSpec(_Model):
                     "checkpoint.")] = False
     active_deadline_seconds: Annotated[Optional[int], Field(
         description="Fail the run when it has been active this long.", ge=1)] = None
-    backoff_limit: Annotated[int, Field(description="Pod retries before the job is Failed.", ge=0, le=100)] = 2
+    backoff_limit: Annotated[int, Field(
+        description="Failed attempts (trainer errors, OOM) retried before the job is Failed; interruptions "
+                    "(node drain, eviction, preemption, SIGTERM with a checkpoint) do not count, and a "
+                    "deterministic failure (bad config, missing source, unwritable output) fails at once.",
+        ge=0, le=100)] = 2
+    max_interruptions: Annotated[int, Field(
+        description="Interruptions (the trainer checkpointed and exited 6, the pod was evicted, preempted, or its "
+                    "node drained or lost) the run resumes from before it is Failed (TooManyInterruptions).",
+        ge=0, le=10000)] = 100
+    termination_grace_period_seconds: Annotated[Optional[int], Field(
+        description="Seconds the trainer gets between SIGTERM and SIGKILL to write its interrupt checkpoint. "
+                    "Default: the model's checkpoint size over a conservative write bandwidth, with margin "
+                    "(600 when the size is unknown).", ge=10, le=7200)] = None
     ttl_seconds_after_finished: Annotated[Optional[int], Field(
         description="Delete the FineTuneJob and its children this long after it finished.", ge=0)] = None
 
@@ -297,6 +309,12 @@ class FineTuneJobStatus(_Model):
     start_time: Annotated[Optional[str], Field(description="When the trainer first started.")] = None
     completion_time: Annotated[Optional[str], Field(description="When the job finished.")] = None
     restarts: Annotated[Optional[int], Field(description="Trainer pod restarts and retries.")] = None
+    interruptions: Annotated[Optional[int], Field(
+        description="Attempts that ended by an interruption (exit 6 after a checkpoint, eviction, preemption, "
+                    "node drain or loss, SIGKILL after the grace period); they count against "
+                    "spec.maxInterruptions, not spec.backoffLimit.")] = None
+    failures: Annotated[Optional[int], Field(
+        description="Attempts that failed (trainer error, OOM); they count against spec.backoffLimit.")] = None
     observed_generation: Annotated[Optional[int], Field(description="metadata.generation last acted on.")] = None
     progress: Annotated[Optional[Progress], Field(description="Live training progress.")] = None
     estimate: Annotated[Optional[Estimate], Field(description="GPU memory estimate.")] = None

@@ -16,6 +16,8 @@ from kubernetes.client.exceptions import ApiException
 
 from kubesloth.api.v1alpha1 import GROUP, PLURAL, VERSION
 
+from .settings import ServerFeatures
+
 EVENT_SOURCE = "kubesloth-operator"
 
 
@@ -29,6 +31,18 @@ class KubeApi:
         self.core = client.CoreV1Api(self.api_client)
         self.batch = client.BatchV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
+        self._features: ServerFeatures | None = None
+
+    def server_features(self) -> ServerFeatures:
+        """What the API server's version allows (GET /version, read once and kept; an upgrade of the control plane
+        is seen after an operator restart). Unreadable: the oldest supported (v1.20), not cached."""
+        if self._features is None:
+            try:
+                info = _json(client.VersionApi(self.api_client).get_code(_preload_content=False))
+            except (ApiException, OSError, ValueError):
+                return ServerFeatures()
+            self._features = ServerFeatures.from_version(info)
+        return self._features
 
     @staticmethod
     def _or_none(call, *args, **kwargs) -> dict[str, Any] | None:
@@ -77,6 +91,16 @@ class KubeApi:
         body = client.V1DeleteOptions(propagation_policy="Foreground", preconditions=client.V1Preconditions(uid=uid))
         try:
             self.batch.delete_namespaced_job(name, namespace, body=body, _preload_content=False)
+        except ApiException as err:
+            if err.status not in (404, 409):
+                raise
+
+    def stop_job(self, namespace: str, name: str, uid: str) -> None:
+        """No more pods (parallelism 0; the running one gets SIGTERM), the failed ones and their logs kept: a run
+        the operator decided is Failed while the Job would still retry (every version has parallelism)."""
+        patch = {"metadata": {"uid": uid}, "spec": {"parallelism": 0}}  # the uid: a precondition (409 if replaced)
+        try:
+            self.batch.patch_namespaced_job(name, namespace, patch, _preload_content=False)
         except ApiException as err:
             if err.status not in (404, 409):
                 raise

@@ -125,12 +125,17 @@ class Reconciler:
                     outcome.actions.append("deleted Job (suspend)")
                     job = self.api.get_job(namespace, builders.job_name(name))
             elif job is None:
+                refusal = builders.image_refusal(effective["spec"], self.settings)
+                if refusal:
+                    return self._blocked(ftj, now, "ImageNotAllowed", refusal)
                 if configmap is None:
                     configmap = self._create(self.api.create_configmap, builders.build_configmap(ftj, self.settings),
                                              self.api.get_configmap)
                     outcome.actions.append("created ConfigMap")
-                job = self._create(self.api.create_job, builders.build_job(effective, self.settings),
-                                   self.api.get_job)
+                # Counted on earlier Jobs of this run (suspend/resume, a recreate) carry over to the new one.
+                job = self._create(self.api.create_job, builders.build_job(
+                    effective, self.settings, self.api.server_features(), int(old.get("interruptions") or 0),
+                    int(old.get("failures") or 0)), self.api.get_job)
                 outcome.actions.append("created Job")
             elif job["metadata"].get("deletionTimestamp"):
                 # Resumed while the suspended Job's pod is still stopping: create the new Job once it is gone.
@@ -153,6 +158,17 @@ class Reconciler:
         if _differs(old, new_status):
             self.api.patch_ftj_status(namespace, name, new_status)
             ftj["status"] = {**old, **new_status}
+        if job is not None and not job["metadata"].get("deletionTimestamp"):
+            if (new_status["phase"] == Phase.Failed.value and not status_mod.job_finished(job)
+                    and (job.get("spec") or {}).get("parallelism") != 0):
+                # Failed by the run's own counts while the Job would retry (v1.20 has no podFailurePolicy; too many
+                # interruptions): no more pods; the failed ones (and their logs) stay.
+                self.api.stop_job(namespace, job["metadata"]["name"], job["metadata"]["uid"])
+                outcome.actions.append("stopped Job (failed)")
+            elif _condition_reason(new_status, "Running") == status_mod.RESUMING and status_mod.job_finished(job):
+                # The Job gave up on interruptions: deleted, and recreated once gone (the counts carry over).
+                self.api.delete_job(namespace, job["metadata"]["name"], job["metadata"]["uid"])
+                outcome.actions.append("deleted Job (recreate to resume)")
         if new_status["phase"] != old.get("phase"):
             kind = "Warning" if new_status["phase"] in WARNING_PHASES else "Normal"
             self.api.post_event(ftj, kind, new_status["phase"], _event_message(new_status))

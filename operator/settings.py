@@ -23,6 +23,50 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
+class ServerFeatures:
+    """What the API server's version lets a Job use. kube.py reads /version once; builders take this value
+    (they never ask the server or read globals). The default is the oldest server supported: v1.20."""
+
+    major: int = 1
+    minor: int = 20
+
+    @classmethod
+    def from_version(cls, info: Mapping[str, Any]) -> "ServerFeatures":
+        """From the /version body: {"major": "1", "minor": "29+", "gitVersion": "v1.29.3-eks-..."}."""
+        def digits(text: Any) -> int | None:
+            found = "".join(ch for ch in str(text or "").split(".")[0] if ch.isdigit())
+            return int(found) if found else None
+
+        major, minor = digits(info.get("major")), digits(info.get("minor"))
+        if major is None or minor is None:  # some distributions leave major/minor empty: use gitVersion
+            parts = str(info.get("gitVersion") or "").lstrip("v").split(".")
+            major = digits(parts[0]) if parts else None
+            minor = digits(parts[1]) if len(parts) > 1 else None
+        if major is None or minor is None:
+            return cls()
+        return cls(major, minor)
+
+    @property
+    def version(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+    def at_least(self, minor: int) -> bool:
+        return (self.major, self.minor) >= (1, minor)
+
+    @property
+    def job_suspend(self) -> bool:  # Job.spec.suspend: beta, on by default, 1.22 (alpha 1.21)
+        return self.at_least(22)
+
+    @property
+    def pod_failure_policy(self) -> bool:  # Job.spec.podFailurePolicy + the DisruptionTarget pod condition: beta 1.26
+        return self.at_least(26)
+
+    @property
+    def pod_replacement_policy(self) -> bool:  # Job.spec.podReplacementPolicy: beta, on by default, 1.29
+        return self.at_least(29)
+
+
+@dataclass(frozen=True)
 class OperatorSettings:
     trainer_image: str = "ghcr.io/kubesloth/trainer:0.1.0"
     trainer_command: tuple[str, ...] = ("python", "-m", "kubesloth.trainer")
@@ -41,6 +85,9 @@ class OperatorSettings:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     # Periodic re-derivation of every FineTuneJob's status (pods change without the FineTuneJob changing; TTLs).
     resync_seconds: float = 10.0
+    # Image prefixes spec.image may use besides trainer_image ("*": any). A user who may create FineTuneJobs
+    # could otherwise run their own image with the token Secret of spec.model.tokenSecretRef in its env.
+    allowed_images: tuple[str, ...] = ()
     # Bounded retries of the FineTuneJob handlers, with backoff.
     handler_retries: int = 8
     handler_backoff_seconds: float = 2.0
@@ -116,6 +163,13 @@ class OperatorSettings:
             values["service_account_name"] = get("SERVICE_ACCOUNT_NAME")
         if get("EXTRA_ENV"):
             values["extra_env"] = {str(k): str(v) for k, v in json_value("EXTRA_ENV", dict).items()}
+        if get("ALLOWED_IMAGES"):
+            raw = get("ALLOWED_IMAGES")
+            prefixes = json_value("ALLOWED_IMAGES", list) if raw.lstrip().startswith("[") else raw.split(",")
+            if not all(isinstance(item, str) for item in prefixes):
+                raise SettingsError(f"{ENV_PREFIX}ALLOWED_IMAGES: expected image prefixes (a JSON list of strings "
+                                    "or comma-separated)")
+            values["allowed_images"] = tuple(item.strip() for item in prefixes if item.strip())
         if get("RESYNC_SECONDS"):
             values["resync_seconds"] = number("RESYNC_SECONDS", float, 0.5)
         if get("HANDLER_RETRIES"):
@@ -123,3 +177,9 @@ class OperatorSettings:
         if get("HANDLER_BACKOFF_SECONDS"):
             values["handler_backoff_seconds"] = number("HANDLER_BACKOFF_SECONDS", float, 0.1)
         return cls(**values)
+
+    def image_allowed(self, image: str | None) -> bool:
+        """spec.image may be the trainer image or start with one of allowed_images ("*" allows any)."""
+        if not image or image == self.trainer_image:
+            return True
+        return any(prefix == "*" or image.startswith(prefix) for prefix in self.allowed_images)

@@ -7,11 +7,14 @@ change, the first start time, and a finished phase once the Job is gone). Unit-t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from kubesloth.api.contract import EXIT_REASONS, ExitCode
-from kubesloth.api.v1alpha1 import FINISHED_PHASES, Phase
+from kubesloth.api.contract import DETERMINISTIC_EXIT_CODES, EXIT_REASONS, ExitCode
+from kubesloth.api.v1alpha1 import FINISHED_PHASES, FineTuneJobSpec, Phase
+
+from .builders import ANNOTATION_PRIOR_FAILURES, ANNOTATION_PRIOR_INTERRUPTIONS
 
 # Spec fields a user may change after the run started (everything else is locked: SpecLocked).
 #   suspend: the lifecycle switch itself; ttlSecondsAfterFinished: only read once the run finished.
@@ -23,6 +26,9 @@ SPEC_LOCKED = "SpecLocked"
 OWNED_CONDITIONS = frozenset(PHASE_CONDITIONS + (SPEC_LOCKED,))
 
 OOM_EXIT_CODE = 137
+RESUMING = "Resuming"  # the Job gave up, the run's budgets are not spent: the reconcile recreates the Job
+DEFAULT_BACKOFF_LIMIT = FineTuneJobSpec.model_fields["backoff_limit"].default
+DEFAULT_MAX_INTERRUPTIONS = FineTuneJobSpec.model_fields["max_interruptions"].default
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
 CONFIG_ERROR_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
 MAX_MESSAGE = 1024
@@ -71,28 +77,132 @@ def _created(obj: dict[str, Any]) -> str:
     return obj.get("metadata", {}).get("creationTimestamp") or ""
 
 
-def pod_failure(pod: dict[str, Any]) -> tuple[str, str] | None:
-    """(reason, message) for a failed trainer pod: OOMKilled -> OutOfMemory, trainer exit codes via EXIT_REASONS."""
+# How an attempt ended. INTERRUPTION: not the run's fault (resumes from its checkpoint; spec.maxInterruptions);
+# FAILURE: retried up to spec.backoffLimit; FATAL: fails the same way again (no retry).
+INTERRUPTION, FAILURE, FATAL = "interruption", "failure", "fatal"
+
+# The DisruptionTarget pod condition (>= 1.26: scheduler, eviction API, taint manager, pod GC, kubelet).
+DISRUPTION_REASONS = {
+    "PreemptionByScheduler": "Preempted", "PreemptionByKubeScheduler": "Preempted",  # 1.26 spelled it so
+    "EvictionByEvictionAPI": "Evicted", "DeletionByTaintManager": "NodeTainted",
+    "DeletionByPodGC": "NodeLost", "TerminationByKubelet": "TerminatedByKubelet",
+}
+# status.reason of a failed pod as kubelets and controllers write it (every version), when not the trainer's doing.
+POD_INTERRUPTION_REASONS = {
+    "Evicted": "Evicted",  # node pressure (memory, disk)
+    "Preempting": "Preempted",  # the kubelet made room for a critical pod
+    "NodeLost": "NodeLost", "Terminated": "NodeShutdown", "Shutdown": "NodeShutdown",  # graceful node shutdown
+    "NodeAffinity": "Rejected", "UnexpectedAdmissionError": "Rejected", "OutOfnvidia.com/gpu": "Rejected",
+}
+SIGKILL_EXIT_CODE, SIGTERM_EXIT_CODE = 137, 143
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """How one trainer pod ended (not for pods still pending, running or succeeded)."""
+
+    kind: str  # INTERRUPTION, FAILURE or FATAL
+    reason: str
+    message: str
+
+
+def classify_pod(pod: dict[str, Any]) -> Attempt | None:
+    """Every way a trainer pod can end, as its own reason; None while it has not ended in failure."""
     status = pod.get("status") or {}
     terminated = (_container_status(pod).get("state") or {}).get("terminated")
-    if not terminated:
-        if status.get("phase") == "Failed":
-            return status.get("reason") or "PodFailed", _short(status.get("message") or "the pod failed")
+    code = terminated.get("exitCode") if terminated else None
+    if status.get("phase") != "Failed" and not (terminated and code not in (0, None)):
         return None
-    code = terminated.get("exitCode")
-    if code == 0:
+    if status.get("phase") == "Succeeded" or code == 0:
         return None
-    said = _short(terminated.get("message"))
+    said = _short((terminated or {}).get("message"))
+    pod_said = _short(status.get("message"))
+    if code is not None:
+        try:
+            exit_reason = EXIT_REASONS[ExitCode(code)]
+        except ValueError:
+            exit_reason = "TrainerError"
+        if said.startswith(f"{exit_reason}: "):  # the trainer may lead with its own reason: do not say it twice
+            said = said[len(exit_reason) + 2:]
+    if code in DETERMINISTIC_EXIT_CODES:
+        return Attempt(FATAL, exit_reason, f"trainer exited {code} ({exit_reason})" + (f": {said}" if said else "")
+                       + "; not retried: the same input fails the same way again")
+
+    killed = ""
+    if code == SIGKILL_EXIT_CODE and (terminated or {}).get("reason") != "OOMKilled":
+        killed = ("; the trainer was killed (exit 137) before it finished: if it was writing its interrupt "
+                  "checkpoint, raise spec.terminationGracePeriodSeconds (pod: "
+                  f"{(pod.get('spec') or {}).get('terminationGracePeriodSeconds', '?')}s)")
+    disruption = _pod_condition(pod, "DisruptionTarget")
+    if disruption and disruption.get("status") == "True":
+        reason = DISRUPTION_REASONS.get(disruption.get("reason") or "", "Disrupted")
+        if reason == "TerminatedByKubelet" and status.get("reason") in POD_INTERRUPTION_REASONS:
+            reason = POD_INTERRUPTION_REASONS[status["reason"]]
+        detail = _short(disruption.get("message") or pod_said or disruption.get("reason") or "disrupted")
+        return Attempt(INTERRUPTION, reason, f"{reason}: {detail}{killed}")
+    if status.get("reason") in POD_INTERRUPTION_REASONS:
+        reason = POD_INTERRUPTION_REASONS[status["reason"]]
+        return Attempt(INTERRUPTION, reason, f"{reason}: {pod_said or status['reason']}{killed}")
+    if code == ExitCode.INTERRUPTED:
+        return Attempt(INTERRUPTION, "Interrupted", f"trainer exited {code} (Interrupted)"
+                       + (f": {said}" if said else ""))
+    if ((pod.get("metadata") or {}).get("deletionTimestamp") and code in (SIGKILL_EXIT_CODE, SIGTERM_EXIT_CODE)
+            and terminated.get("reason") != "OOMKilled"):
+        # Deleted (by hand, a controller, a node going away) and stopped by the signal, not by an error of its own.
+        if code == SIGKILL_EXIT_CODE:
+            return Attempt(INTERRUPTION, "GracePeriodExceeded", "the pod was deleted and the trainer did not exit "
+                           "within its grace period" + killed)
+        return Attempt(INTERRUPTION, "PodDeleted", "the pod was deleted and the trainer stopped on SIGTERM "
+                       "(exit 143) before it could checkpoint")
+    if terminated is None:
+        return Attempt(FAILURE, status.get("reason") or "PodFailed", pod_said or "the pod failed")
     if terminated.get("reason") == "OOMKilled" or (code == OOM_EXIT_CODE and terminated.get("reason") != "Error"):
-        return "OutOfMemory", ("the trainer was killed for exceeding its memory limit (OOMKilled, exit 137); "
-                               "raise spec.resources.memory or use a leaner profile") + (f": {said}" if said else "")
+        return Attempt(FAILURE, "OutOfMemory", (
+            "the trainer was killed for exceeding its memory limit (OOMKilled, exit 137); "
+            "raise spec.resources.memory or use a leaner profile") + (f": {said}" if said else ""))
+    return Attempt(FAILURE, exit_reason, f"trainer exited {code} ({exit_reason})" + (f": {said}" if said else ""))
+
+
+def pod_failure(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) for a trainer pod that ended without success (see classify_pod)."""
+    attempt = classify_pod(pod)
+    return (attempt.reason, attempt.message) if attempt else None
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Attempts of the whole run: those counted on earlier Jobs (the Job's prior-* annotations) + this Job's pods."""
+
+    interruptions: int = 0
+    failures: int = 0
+    fatal: int = 0
+
+
+def _annotation_int(job: dict[str, Any] | None, key: str) -> int:
     try:
-        reason = EXIT_REASONS[ExitCode(code)]
+        return max(0, int(((job or {}).get("metadata", {}).get("annotations") or {}).get(key) or 0))
     except ValueError:
-        reason = "TrainerError"
-    if said.startswith(f"{reason}: "):  # the trainer may lead with its own reason: do not say it twice
-        said = said[len(reason) + 2:]
-    return reason, f"trainer exited {code} ({reason})" + (f": {said}" if said else "")
+        return 0
+
+
+def count_attempts(job: dict[str, Any] | None, attempts: list[Attempt]) -> Counts:
+    return Counts(
+        interruptions=_annotation_int(job, ANNOTATION_PRIOR_INTERRUPTIONS)
+        + sum(a.kind == INTERRUPTION for a in attempts),
+        failures=_annotation_int(job, ANNOTATION_PRIOR_FAILURES) + sum(a.kind != INTERRUPTION for a in attempts),
+        fatal=sum(a.kind == FATAL for a in attempts))
+
+
+def limits(spec: dict[str, Any]) -> tuple[int, int]:
+    """(backoffLimit, maxInterruptions) of the spec, with the API's defaults."""
+    return (int(spec.get("backoffLimit", DEFAULT_BACKOFF_LIMIT)),
+            int(spec.get("maxInterruptions", DEFAULT_MAX_INTERRUPTIONS)))
+
+
+def _tally(counts: Counts, spec: dict[str, Any]) -> str:
+    backoff, max_interruptions = limits(spec)
+    return (f"{counts.failures} of backoffLimit {backoff} failures, "
+            f"{counts.interruptions} of maxInterruptions {max_interruptions} interruptions")
 
 
 def pod_waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
@@ -110,28 +220,42 @@ def pod_waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
 
 
 # --- the phase ---------------------------------------------------------------------------------------------------
-def _phase(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]]
+def _phase(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], counts: Counts
            ) -> tuple[str, str, str]:
     spec = ftj.get("spec") or {}
     old = ftj.get("status") or {}
-    failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-    last_failure = pod_failure(failed_pods[-1]) if failed_pods else None
+    backoff, max_interruptions = limits(spec)
+    attempts = [(p, a) for p in pods for a in [classify_pod(p)] if a]
+    last = attempts[-1][1] if attempts else None
 
     if job_condition(job, "Complete"):
         return Phase.Succeeded.value, "Completed", "the trainer finished and the model was saved"
     failed = job_condition(job, "Failed")
+    if failed and failed.get("reason") == "DeadlineExceeded":
+        deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
+        return Phase.Failed.value, "DeadlineExceeded", (
+            f"the run was active longer than activeDeadlineSeconds ({deadline}s) and was stopped")
+    fatal = next((a for _, a in reversed(attempts) if a.kind == FATAL), None)
+    if fatal:
+        return Phase.Failed.value, fatal.reason, fatal.message
+    if counts.failures > backoff:
+        newest = next(a for _, a in reversed(attempts) if a.kind == FAILURE) if any(
+            a.kind == FAILURE for _, a in attempts) else last
+        reason, message = (newest.reason, newest.message) if newest else ("BackoffLimitExceeded", "failed")
+        return Phase.Failed.value, reason, (f"{message} (backoffLimit {backoff} reached after {counts.failures} "
+                                            f"failures; {counts.interruptions} interruptions not counted)")
+    if counts.interruptions > max_interruptions:
+        return Phase.Failed.value, "TooManyInterruptions", (
+            f"interrupted {counts.interruptions} times, more than maxInterruptions {max_interruptions}; "
+            f"the last: {last.message if last else '?'}")
     if failed:
+        if attempts or (job["metadata"].get("deletionTimestamp") and _cond_reason(old, "Running") == RESUMING):
+            # The Job gave up while the run's own budgets are not spent (interruptions counted as failures by a
+            # Job without podFailurePolicy, or made by an older operator): recreated, it resumes from its checkpoint.
+            return Phase.Pending.value, RESUMING, (f"the Job stopped retrying after {last.reason if last else 'interruptions'} "
+                                                   f"({_tally(counts, spec)}); recreating it to resume from the "
+                                                   "newest checkpoint")
         job_reason = failed.get("reason") or "Failed"
-        if job_reason == "DeadlineExceeded":
-            deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
-            return Phase.Failed.value, "DeadlineExceeded", (
-                f"the run was active longer than activeDeadlineSeconds ({deadline}s) and was stopped")
-        if last_failure:
-            reason, message = last_failure
-            if job_reason == "BackoffLimitExceeded":
-                limit = (job.get("spec") or {}).get("backoffLimit")
-                message = f"{message} (backoffLimit {limit} reached after {len(failed_pods)} attempts)"
-            return Phase.Failed.value, reason, message
         return Phase.Failed.value, job_reason, _short(failed.get("message") or job_reason)
     if old.get("phase") in FINISHED_PHASES:
         # The Job is gone (TTL, or deleted by hand): the outcome stands; nothing is recreated for a finished run.
@@ -148,24 +272,34 @@ def _phase(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str,
         queue = (job.get("metadata", {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name")
         return Phase.Queued.value, "Queued", f"waiting for Kueue to admit the Job (queue {queue})"
 
+    def after() -> str:
+        if not last:
+            return ""
+        what = "an interruption" if last.kind == INTERRUPTION else "a failed attempt"
+        return f"after {what} ({_tally(counts, spec)}): {last.message}"
+
     current = pods[-1] if pods else None
     if current is None:
+        if last:
+            return Phase.Pending.value, "Retrying", f"retrying {after()}"
         return Phase.Pending.value, "PodCreating", "waiting for the Job to create the trainer pod"
     pod_phase = (current.get("status") or {}).get("phase")
     if pod_phase == "Running" and (_container_status(current).get("state") or {}).get("running") is not None:
-        attempt = len(failed_pods) + 1
-        note = f" (attempt {attempt})" if failed_pods else ""
+        earlier = counts.interruptions + counts.failures
+        note = (f" (attempt {earlier + 1}: {counts.interruptions} interruptions, {counts.failures} failures "
+                "before)") if earlier else ""
         return Phase.Running.value, "TrainerRunning", f"trainer pod {current['metadata']['name']} is running{note}"
     if pod_phase == "Succeeded":
         return Phase.Running.value, "TrainerFinished", "the trainer exited 0; waiting for the Job to complete"
-    if pod_phase == "Failed":
-        reason, message = last_failure or ("PodFailed", "the trainer pod failed")
-        return Phase.Pending.value, reason, f"retrying after a failed attempt: {message}"
+    current_attempt = classify_pod(current)
+    if current_attempt:
+        verb = "resuming" if current_attempt.kind == INTERRUPTION else "retrying"
+        return Phase.Pending.value, current_attempt.reason, f"{verb} {after()}"
     waiting = pod_waiting(current)
     if waiting:
         return Phase.Pending.value, waiting[0], waiting[1]
-    if last_failure:
-        return Phase.Pending.value, "Retrying", f"retrying after a failed attempt: {last_failure[1]}"
+    if last:
+        return Phase.Pending.value, "Retrying", f"retrying {after()}"
     return Phase.Pending.value, "PodStarting", f"trainer pod {current['metadata']['name']} is starting"
 
 
@@ -221,7 +355,13 @@ def derive_status(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[di
     """
     old = ftj.get("status") or {}
     pods = sorted(pods, key=_created)
-    phase, reason, message = _phase(ftj, job, pods)
+    if job is None or job["metadata"].get("deletionTimestamp"):
+        # No Job, or one being deleted (suspend, a stop, a recreate): what was counted stands; pods stopped by the
+        # deletion are not interruptions.
+        counts = Counts(int(old.get("interruptions") or 0), int(old.get("failures") or 0))
+    else:
+        counts = count_attempts(job, [a for a in map(classify_pod, pods) if a])
+    phase, reason, message = _phase(ftj, job, pods, counts)
     finished = phase in FINISHED_PHASES
 
     conditions: list[dict[str, Any]] = []
@@ -249,12 +389,10 @@ def derive_status(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[di
         "conditions": merge_conditions(old.get("conditions") or [], conditions, now),
         "observedGeneration": (ftj.get("metadata") or {}).get("generation"),
     }
-    if job is not None:
-        status["jobName"] = job["metadata"]["name"]
-        status["restarts"] = int((job.get("status") or {}).get("failed") or 0)
-    else:
-        status["jobName"] = old.get("jobName")
-        status["restarts"] = old.get("restarts", 0)
+    status["jobName"] = job["metadata"]["name"] if job is not None else old.get("jobName")
+    status["interruptions"] = counts.interruptions
+    status["failures"] = counts.failures
+    status["restarts"] = counts.interruptions + counts.failures
     status["podName"] = pods[-1]["metadata"]["name"] if pods else (old.get("podName") if finished else None)
 
     start = old.get("startTime")

@@ -12,9 +12,10 @@ from kubesloth.api import contract
 from kubesloth.api.contract import Env
 from kubesloth.operator import builders
 from kubesloth.operator.builders import build_configmap, build_job
-from kubesloth.operator.settings import OperatorSettings, SettingsError
+from kubesloth.operator.settings import OperatorSettings, ServerFeatures, SettingsError
 
 SECRET_VALUE = "hf_very_secret_token_value"
+V1_20, V1_26, V1_29 = ServerFeatures(1, 20), ServerFeatures(1, 26), ServerFeatures(1, 29)
 
 
 def make_ftj(name: str = "llama-alpaca", **spec_overrides) -> dict:
@@ -78,7 +79,7 @@ def test_one_pod_one_gpu_with_memory_and_cpu(settings):
 
 
 def test_lifecycle_fields_reach_the_job(settings):
-    job = build_job(make_ftj(), settings)
+    job = build_job(make_ftj(), settings, V1_29)
     assert job["spec"]["backoffLimit"] == 3
     assert job["spec"]["activeDeadlineSeconds"] == 7200
     assert pod_spec(job)["restartPolicy"] == "Never"
@@ -204,7 +205,7 @@ def test_non_pvc_sources_mount_no_claims(settings):
     ftj = make_ftj()
     ftj["spec"]["model"]["source"] = "hf://meta-llama/Llama-3.1-8B"
     ftj["spec"]["dataset"]["source"] = "s3://bucket/alpaca"
-    ftj["spec"]["output"]["destination"] = "s3://bucket/out"
+    ftj["spec"]["output"]["destination"] = "file:///out"
     assert not [v for v in pod_spec(build_job(ftj, settings))["volumes"] if "persistentVolumeClaim" in v]
 
 
@@ -306,3 +307,196 @@ def test_kopf_arguments_default_to_standalone_and_all_namespaces():
     assert kopf_argv(["--verbose"], ("a", "b"))[-4:] == ["--namespace", "a", "--namespace", "b"]
     argv = kopf_argv(["--peering", "kubesloth", "-n", "ml"])
     assert "--standalone" not in argv and "--all-namespaces" not in argv
+
+
+# --- server features, interruptions, the grace period, a read-only root --------------------------------------------
+@pytest.mark.parametrize("info, version", [
+    ({"major": "1", "minor": "20", "gitVersion": "v1.20.2"}, (1, 20)),
+    ({"major": "1", "minor": "29+", "gitVersion": "v1.29.3-eks-adc7111"}, (1, 29)),
+    ({"major": "", "minor": "", "gitVersion": "v1.31.1+k3s1"}, (1, 31)),
+    ({}, (1, 20)),
+])
+def test_server_features_from_the_version_endpoint(info, version):
+    features = ServerFeatures.from_version(info)
+    assert (features.major, features.minor) == version
+
+
+def test_server_features_by_version():
+    assert not V1_20.job_suspend and not V1_20.pod_failure_policy and not V1_20.pod_replacement_policy
+    assert ServerFeatures(1, 22).job_suspend and not ServerFeatures(1, 25).pod_failure_policy
+    assert V1_26.pod_failure_policy and not V1_26.pod_replacement_policy
+    assert ServerFeatures(1, 28).pod_failure_policy and not ServerFeatures(1, 28).pod_replacement_policy
+    assert V1_29.pod_failure_policy and V1_29.pod_replacement_policy
+
+
+def test_v1_20_job_leaves_room_for_interruptions_and_has_no_newer_fields(settings):
+    job = build_job(make_ftj(backoffLimit=1, maxInterruptions=50), settings, V1_20)
+    assert job["spec"]["backoffLimit"] == 1 + 50  # the operator counts the two apart and stops the Job itself
+    assert "podFailurePolicy" not in job["spec"] and "podReplacementPolicy" not in job["spec"]
+    assert build_job(make_ftj(backoffLimit=1, maxInterruptions=50), settings)["spec"] == job["spec"]  # the default
+    # a Job recreated on resume gets what is left of both budgets
+    again = build_job(make_ftj(backoffLimit=1, maxInterruptions=50), settings, V1_20, prior_interruptions=7,
+                      prior_failures=1)
+    assert again["spec"]["backoffLimit"] == 0 + 43
+    assert again["metadata"]["annotations"]["kubesloth.io/prior-interruptions"] == "7"
+    assert again["metadata"]["annotations"]["kubesloth.io/prior-failures"] == "1"
+
+
+def test_pod_failure_policy_from_1_26(settings):
+    job = build_job(make_ftj(backoffLimit=2), settings, V1_26)
+    assert job["spec"]["backoffLimit"] == 2
+    assert job["spec"]["podFailurePolicy"] == {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onPodConditions": [],
+         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4]}},
+        {"action": "Ignore", "onPodConditions": [],
+         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [6]}},
+    ]}
+    assert "podReplacementPolicy" not in job["spec"]
+    assert build_job(make_ftj(), settings, V1_29)["spec"]["podReplacementPolicy"] == "Failed"
+    assert build_job(make_ftj(backoffLimit=2), settings, V1_29, prior_failures=1)["spec"]["backoffLimit"] == 1
+
+
+@pytest.mark.parametrize("features, version", [(V1_26, "1.26"), (ServerFeatures(1, 28), "1.28"), (V1_29, "1.29"),
+                                               (ServerFeatures(1, 31), "1.31"), (ServerFeatures(1, 34), "1.34")])
+def test_job_matches_that_versions_schema(settings, features, version):
+    import kubernetes_validate
+
+    job = build_job(make_ftj(queueName="team-a"), settings, features)
+    kubernetes_validate.validate(job, version, strict=True)  # strict: a field that version lacks is an error
+
+
+def test_v1_20_job_matches_the_oldest_schema_at_hand(settings):
+    import kubernetes_validate
+
+    kubernetes_validate.validate(build_job(make_ftj(), settings, V1_20), "1.25", strict=True)
+    # (tests/e2e/test_job_schema.py sends it to the real v1.20 API server)
+
+
+def test_strict_validation_would_catch_a_field_too_new(settings):
+    import kubernetes_validate
+
+    job = build_job(make_ftj(), settings, V1_29)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        # podReplacementPolicy arrived in 1.28 (alpha, off by default: the schema has it, servers drop it) and is
+        # used from 1.29 (beta, on); 1.27's schema does not know it
+        kubernetes_validate.validate(job, "1.27", strict=True)
+
+
+def test_grace_seconds_for_checkpoint():
+    from kubesloth.operator.builders import (DEFAULT_GRACE_SECONDS, MAX_GRACE_SECONDS, MIN_GRACE_SECONDS,
+                                             checkpoint_bytes_for, grace_seconds_for_checkpoint)
+
+    eight_b = checkpoint_bytes_for(8_030_000_000, "paged_adamw_8bit")
+    assert 31e9 < eight_b < 33e9  # bf16 weights + two 8-bit moments: ~31 GB as measured
+    grace = grace_seconds_for_checkpoint(eight_b)
+    assert grace >= 3 * 42  # measured: ~42 s on the H200's local disk; the default assumes a slower volume
+    assert 200 <= grace <= 300
+    assert grace_seconds_for_checkpoint(None) == grace_seconds_for_checkpoint(0) == DEFAULT_GRACE_SECONDS == 600
+    assert grace_seconds_for_checkpoint(1) == MIN_GRACE_SECONDS
+    assert grace_seconds_for_checkpoint(10**15) == MAX_GRACE_SECONDS
+    assert grace_seconds_for_checkpoint(2 * eight_b) > grace  # monotonic
+    assert checkpoint_bytes_for(8_030_000_000, "adamw_torch") > 2 * eight_b  # fp32 moments
+    assert checkpoint_bytes_for(None) is None
+
+
+def test_grace_period_reaches_the_pod_and_the_trainer(settings):
+    ftj = make_ftj()
+    ftj["spec"]["model"]["source"] = "hf://meta-llama/Llama-3.1-8B"
+    job = build_job(ftj, settings)
+    grace = pod_spec(job)["terminationGracePeriodSeconds"]
+    assert 200 <= grace <= 300
+    assert env_of(job)[Env.TERMINATION_GRACE_SECONDS.value]["value"] == str(grace)
+    assert pod_spec(build_job(make_ftj(), settings))["terminationGracePeriodSeconds"] == 600  # size unknown
+    fixed = build_job(make_ftj(terminationGracePeriodSeconds=1800), settings)
+    assert pod_spec(fixed)["terminationGracePeriodSeconds"] == 1800
+    assert env_of(fixed)[Env.TERMINATION_GRACE_SECONDS.value]["value"] == "1800"
+    # the planner's parameter count wins over the name
+    ftj["status"] = {"estimate": {"parameters": 70_000_000_000}}
+    assert pod_spec(build_job(ftj, settings))["terminationGracePeriodSeconds"] > grace
+
+
+@pytest.mark.parametrize("value", [0, 5, 7201])
+def test_grace_period_field_is_bounded(value):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        builders.normalized(make_ftj(terminationGracePeriodSeconds=value))
+
+
+def test_read_only_root_with_writable_scratch_and_caches(settings):
+    job = build_job(make_ftj(), settings)
+    assert container(job)["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    mounts = {m["mountPath"]: m for m in container(job)["volumeMounts"]}
+    for path in ("/tmp", "/dev/shm", contract.CACHE_DIR):
+        assert "emptyDir" in volumes[mounts[path]["name"]] and not mounts[path].get("readOnly")
+    env = env_of(job)
+    for name in ("HF_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "UNSLOTH_COMPILE_LOCATION",
+                 "KUBESLOTH_CACHE_DIR"):
+        assert env[name]["value"].startswith(contract.CACHE_DIR)
+    moved = build_job(make_ftj(), OperatorSettings(extra_env={"HF_HOME": "/mnt/pvc/models/hf"}))
+    assert env_of(moved)["HF_HOME"]["value"] == "/mnt/pvc/models/hf"  # the admin may point a cache elsewhere
+
+
+def test_image_rule():
+    from kubesloth.operator.builders import image_refusal
+
+    plain = OperatorSettings(trainer_image="ghcr.io/kubesloth/trainer:0.1.0")
+    assert image_refusal({"image": None}, plain) is None
+    assert image_refusal({"image": "ghcr.io/kubesloth/trainer:0.1.0"}, plain) is None
+    refusal = image_refusal({"image": "docker.io/evil/steal-token:1"}, plain)
+    assert refusal.startswith("spec.image:") and "docker.io/evil/steal-token:1" in refusal
+    allowing = OperatorSettings(allowed_images=("registry.example/ml/",))
+    assert image_refusal({"image": "registry.example/ml/trainer:v9"}, allowing) is None
+    assert image_refusal({"image": "registry.example/other:v9"}, allowing)
+    assert image_refusal({"image": "anything"}, OperatorSettings(allowed_images=("*",))) is None
+    assert OperatorSettings.from_env({"KUBESLOTH_OPERATOR_ALLOWED_IMAGES": "a/, b/"}).allowed_images == ("a/", "b/")
+    assert OperatorSettings.from_env({"KUBESLOTH_OPERATOR_ALLOWED_IMAGES": '["a/"]'}).allowed_images == ("a/",)
+    with pytest.raises(SettingsError, match="ALLOWED_IMAGES"):
+        OperatorSettings.from_env({"KUBESLOTH_OPERATOR_ALLOWED_IMAGES": "[1]"})
+
+
+# --- the v1.20 Job against the real v1.20 API server (the local control plane; marker `cluster`) ------------------
+# A v1.20 API server silently drops fields it does not know (no strict field validation before 1.25), so "created"
+# proves little: every field sent must come back as sent.
+def missing(sent, got, path="") -> list[str]:
+    """Paths of what was sent and did not come back (the server's defaults may add fields; zero values such as
+    `readOnly: false` are omitted, as Go's omitempty does)."""
+    if isinstance(sent, dict):
+        if not isinstance(got, dict):
+            return [path or "."]
+        return [p for key, value in sent.items()
+                for p in (missing(value, got[key], f"{path}.{key}") if key in got
+                          else [] if value in (False, 0, "", [], {}) else [f"{path}.{key}"])]
+    if isinstance(sent, list):
+        if not isinstance(got, list) or len(got) != len(sent):
+            return [path]
+        return [p for i, (a, b) in enumerate(zip(sent, got)) for p in missing(a, b, f"{path}[{i}]")]
+    return [] if sent == got else [path]
+
+
+def test_the_job_for_this_server_keeps_every_field(cluster, kubectl, namespace):
+    from kubernetes import config as kube_config
+
+    from kubesloth.operator.kube import KubeApi
+
+    api = KubeApi(kube_config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+    features = api.server_features()
+    assert (features.major, features.minor) == (1, 20) and not features.pod_failure_policy
+    ftj = make_ftj()
+    ftj["metadata"]["namespace"] = namespace
+    job = build_job(ftj, OperatorSettings(), features)
+    job["metadata"].pop("ownerReferences")  # the owner does not exist here
+    created = json.loads(kubectl("create", "-o", "json", "-f", "-", input=json.dumps(job)).stdout)
+    assert missing(job, created) == []
+    assert created["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+    assert created["spec"]["backoffLimit"] == 3 + 100
+
+    # The Job built for a newer server would lose its podFailurePolicy here: why the version decides.
+    newer = build_job(ftj, OperatorSettings(), ServerFeatures(1, 29))
+    newer["metadata"].pop("ownerReferences")
+    newer["metadata"]["name"] = "newer-trainer"
+    # (--validate=false: kubectl would refuse it client-side; the operator's client sends it as is)
+    got = json.loads(kubectl("create", "--validate=false", "-o", "json", "-f", "-", input=json.dumps(newer)).stdout)
+    assert ".spec.podFailurePolicy" in missing(newer, got)

@@ -7,7 +7,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from kubesloth.api.contract import ExitCode
-from kubesloth.operator.status import derive_status, merge_conditions, spec_changes
+from kubesloth.operator.status import (FAILURE, FATAL, INTERRUPTION, RESUMING, classify_pod, derive_status,
+                                       merge_conditions, spec_changes)
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=timezone.utc)
 T0 = "2026-11-29T11:00:00Z"
@@ -127,11 +128,9 @@ def test_succeeded():
 
 
 @pytest.mark.parametrize("code, reason", [
-    (ExitCode.ERROR, "TrainerError"), (ExitCode.BAD_CONFIG, "InvalidConfig"),
-    (ExitCode.SOURCE_NOT_FOUND, "SourceNotFound"), (ExitCode.OUTPUT_UNWRITABLE, "OutputUnwritable"),
-    (ExitCode.OUT_OF_MEMORY, "OutOfMemory"), (42, "TrainerError"),
+    (ExitCode.ERROR, "TrainerError"), (ExitCode.OUT_OF_MEMORY, "OutOfMemory"), (42, "TrainerError"),
 ])
-def test_trainer_exit_codes_are_classified_with_the_trainer_message(code, reason):
+def test_retried_failures_fail_after_backoff_limit_with_the_trainer_message(code, reason):
     j = job([job_cond("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")], failed=3)
     pods = [failed_pod(int(code), f"attempt {i}: boom", name=f"p{i}", created=f"2026-11-29T11:0{i}:00Z")
             for i in range(3)]
@@ -140,16 +139,31 @@ def test_trainer_exit_codes_are_classified_with_the_trainer_message(code, reason
     failed = cond(status, "Failed")
     assert failed["status"] == "True" and failed["reason"] == reason
     assert "attempt 2: boom" in failed["message"]  # the newest attempt's termination message
-    assert "backoffLimit 2 reached after 3 attempts" in failed["message"]
-    assert status["restarts"] == 3
+    assert "backoffLimit 2 reached after 3 failures" in failed["message"]
+    assert (status["failures"], status["interruptions"], status["restarts"]) == (3, 0, 3)
     assert status["completionTime"] == "2026-11-29T11:30:00Z"
+
+
+@pytest.mark.parametrize("code, reason", [
+    (ExitCode.BAD_CONFIG, "InvalidConfig"), (ExitCode.SOURCE_NOT_FOUND, "SourceNotFound"),
+    (ExitCode.OUTPUT_UNWRITABLE, "OutputUnwritable"),
+])
+def test_deterministic_failures_fail_at_once_without_burning_retries(code, reason):
+    # The Job (v1.20: no podFailurePolicy) would retry; the first such exit is final.
+    status = derive_status(ftj(backoffLimit=5), job(failed=1), [failed_pod(int(code), f"{reason}: no good")], NOW)
+    assert status["phase"] == "Failed"
+    failed = cond(status, "Failed")
+    assert failed["reason"] == reason and "no good" in failed["message"] and "not retried" in failed["message"]
+    assert f"{reason}: {reason}" not in failed["message"]  # the trainer's own lead is not repeated
+    assert status["failures"] == 1 and status["interruptions"] == 0
 
 
 def test_oom_killed_is_out_of_memory():
     j = job([job_cond("Failed", "BackoffLimitExceeded")], failed=1)
-    status = derive_status(ftj(), j, [failed_pod(137, reason="OOMKilled")], NOW)
+    status = derive_status(ftj(backoffLimit=0), j, [failed_pod(137, reason="OOMKilled")], NOW)
     assert cond(status, "Failed")["reason"] == "OutOfMemory"
     assert "OOMKilled" in status["message"]
+    assert status["failures"] == 1 and status["interruptions"] == 0
 
 
 def test_deadline_exceeded_wins_over_the_pod_exit():
@@ -176,7 +190,7 @@ def test_a_failed_attempt_with_retries_left_is_not_failed():
     retry = running_pod("p1", created="2026-11-29T11:05:00Z")
     status = derive_status(ftj(), job(failed=1), pods + [retry], NOW)
     assert status["phase"] == "Running" and status["podName"] == "p1" and status["restarts"] == 1
-    assert "attempt 2" in status["message"]
+    assert "attempt 2: 0 interruptions, 1 failures before" in status["message"]
 
 
 def test_suspended_while_the_pod_stops_and_after():
@@ -232,3 +246,160 @@ def test_spec_locked_condition():
     assert "spec.training.learningRate" in locked["message"]
     reverted = derive_status(ftj(status), job(), [running_pod()], NOW, [])
     assert cond(reverted, "SpecLocked")["status"] == "False"
+
+
+# --- how a pod ends: interruptions are not failures ---------------------------------------------------------------
+DELETED = "2026-11-29T11:20:00Z"
+
+
+def ended_pod(name: str = "p0", created: str = T0, *, code: int | None = 137, term_reason: str = "Error",
+              message: str = "", pod_reason: str | None = None, pod_message: str | None = None,
+              disruption: tuple[str, str] | None = None, deleted: bool = False, grace: int = 252) -> dict:
+    """A trainer pod that ended, as the kubelet (and, >= 1.26, the controller that disrupted it) writes it."""
+    body = pod(name, "Failed", {"terminated": {"exitCode": code, "reason": term_reason, "message": message,
+                                               "startedAt": "2026-11-29T11:01:00Z",
+                                               "finishedAt": "2026-11-29T11:21:00Z"}} if code is not None else None,
+               created=created)
+    if pod_reason:
+        body["status"]["reason"] = pod_reason
+    if pod_message:
+        body["status"]["message"] = pod_message
+    if disruption:
+        body["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": disruption[0],
+                                             "message": disruption[1], "lastTransitionTime": DELETED})
+    if deleted:
+        body["metadata"]["deletionTimestamp"] = DELETED
+    body["spec"] = {"terminationGracePeriodSeconds": grace}
+    return body
+
+
+LOW_MEMORY = ("The node was low on resource: memory. Threshold quantity: 100Mi, available: 91Mi. Container trainer "
+              "was using 71Gi, request is 64Gi, has larger consumption of memory. ")
+SHUTDOWN = "Pod was terminated in response to imminent node shutdown."
+
+INTERRUPTIONS = {
+    # name: (pod, reason)
+    "exit 6 after a checkpoint": (ended_pod(code=6, message="Interrupted: SIGTERM at step 120; checkpoint "
+                                                            "step-00000120 written; resumable"), "Interrupted"),
+    "evicted for memory pressure (v1.20)": (ended_pod(pod_reason="Evicted", pod_message=LOW_MEMORY), "Evicted"),
+    "evicted, no container status left": (ended_pod(code=None, pod_reason="Evicted", pod_message=LOW_MEMORY),
+                                          "Evicted"),
+    "evicted for memory pressure (>= 1.27)": (ended_pod(pod_reason="Evicted", pod_message=LOW_MEMORY,
+                                                        disruption=("TerminationByKubelet", LOW_MEMORY)), "Evicted"),
+    "preempted by the scheduler, checkpointed": (ended_pod(code=6, deleted=True, disruption=(
+        "PreemptionByScheduler", "Kubernetes default scheduler: preempting to accommodate a higher priority pod")),
+        "Preempted"),
+    "preempted (1.26 spelling)": (ended_pod(deleted=True, disruption=("PreemptionByKubeScheduler", "preempting")),
+                                  "Preempted"),
+    "drained (eviction API)": (ended_pod(code=6, deleted=True, disruption=("EvictionByEvictionAPI",
+                                                                          "Eviction API: evicting")), "Evicted"),
+    "NoExecute taint": (ended_pod(deleted=True, disruption=(
+        "DeletionByTaintManager", "Taint manager: deleting due to NoExecute taint")), "NodeTainted"),
+    "node gone (pod GC)": (ended_pod(code=None, disruption=("DeletionByPodGC", "PodGC: node no longer exists")),
+                           "NodeLost"),
+    "node shutdown (>= 1.26)": (ended_pod(code=6, pod_reason="Terminated", pod_message=SHUTDOWN,
+                                          disruption=("TerminationByKubelet", SHUTDOWN)), "NodeShutdown"),
+    "node shutdown (v1.20)": (ended_pod(code=6, pod_reason="Terminated", pod_message=SHUTDOWN), "NodeShutdown"),
+    "node lost (v1.20)": (ended_pod(code=None, pod_reason="NodeLost",
+                                    pod_message="Node n1 which was running pod p0 is unresponsive"), "NodeLost"),
+    "critical pod preemption by the kubelet": (ended_pod(code=None, pod_reason="Preempting",
+                                                         pod_message="Preempted in order to admit critical pod"),
+                                               "Preempted"),
+    "SIGKILL after the grace period": (ended_pod(code=137, deleted=True), "GracePeriodExceeded"),
+    "deleted, died on SIGTERM": (ended_pod(code=143, deleted=True), "PodDeleted"),
+}
+
+
+@pytest.mark.parametrize("name", INTERRUPTIONS)
+def test_interruptions_get_their_own_reason_and_are_not_failures(name):
+    ended, reason = INTERRUPTIONS[name]
+    attempt = classify_pod(ended)
+    assert attempt is not None and attempt.kind == INTERRUPTION and attempt.reason == reason, attempt
+    # backoffLimit 0: a single counted failure would fail the run
+    status = derive_status(ftj(backoffLimit=0), job(failed=1), [ended], NOW)
+    assert status["phase"] == "Pending", status["message"]
+    assert cond(status, "Running")["reason"] == reason and cond(status, "Failed")["status"] == "False"
+    assert status["message"].startswith("resuming after an interruption")
+    assert (status["interruptions"], status["failures"]) == (1, 0)
+
+
+def test_eviction_says_what_the_kubelet_said_and_is_not_out_of_memory():
+    status = derive_status(ftj(), job(), [INTERRUPTIONS["evicted for memory pressure (v1.20)"][0]], NOW)
+    assert "The node was low on resource: memory" in status["message"]
+    assert "spec.resources.memory" not in status["message"]
+
+
+def test_sigkill_after_the_grace_period_names_the_field():
+    attempt = classify_pod(INTERRUPTIONS["SIGKILL after the grace period"][0])
+    assert "spec.terminationGracePeriodSeconds" in attempt.message and "252s" in attempt.message
+
+
+@pytest.mark.parametrize("ended, kind, reason", [
+    (ended_pod(code=137, term_reason="OOMKilled"), FAILURE, "OutOfMemory"),
+    (ended_pod(code=137, term_reason="OOMKilled", deleted=True), FAILURE, "OutOfMemory"),
+    (ended_pod(code=1), FAILURE, "TrainerError"),
+    (ended_pod(code=5), FAILURE, "OutOfMemory"),
+    (ended_pod(code=2), FATAL, "InvalidConfig"),
+    (ended_pod(code=2, deleted=True, disruption=("EvictionByEvictionAPI", "Eviction API: evicting")), FATAL,
+     "InvalidConfig"),
+    (ended_pod(code=3), FATAL, "SourceNotFound"),
+    (ended_pod(code=4), FATAL, "OutputUnwritable"),
+])
+def test_failures_are_failures(ended, kind, reason):
+    attempt = classify_pod(ended)
+    assert (attempt.kind, attempt.reason) == (kind, reason)
+
+
+def test_pods_that_did_not_end_in_failure_are_not_attempts():
+    assert classify_pod(running_pod()) is None
+    assert classify_pod(pod(state={"waiting": {"reason": "ContainerCreating"}})) is None
+    assert classify_pod(pod(phase="Succeeded", state={"terminated": {"exitCode": 0, "reason": "Completed"}})) is None
+
+
+def sigterm(i: int) -> dict:
+    return ended_pod(f"p{i}", f"2026-11-29T11:0{i}:00Z", code=6, message="Interrupted: SIGTERM; resumable")
+
+
+def test_sigterm_three_times_with_backoff_limit_1_is_not_failed():
+    # The operator's v1.20 Job: backoffLimit = spec.backoffLimit + spec.maxInterruptions, so it retries on.
+    pods = [sigterm(i) for i in range(3)] + [running_pod("p3", created="2026-11-29T11:03:00Z")]
+    status = derive_status(ftj(backoffLimit=1), job(failed=3, backoffLimit=101), pods, NOW)
+    assert status["phase"] == "Running"
+    assert (status["interruptions"], status["failures"], status["restarts"]) == (3, 0, 3)
+    assert "attempt 4: 3 interruptions, 0 failures before" in status["message"]
+
+
+def test_a_job_that_gave_up_on_interruptions_is_resumed_not_failed():
+    # A Job that counts interruptions (no podFailurePolicy, an older operator's backoffLimit): the run is not Failed;
+    # the reconcile recreates the Job (reason Resuming).
+    j = job([job_cond("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")], failed=2,
+            backoffLimit=1)
+    status = derive_status(ftj(backoffLimit=1), j, [sigterm(0), sigterm(1)], NOW)
+    assert status["phase"] == "Pending" and cond(status, "Running")["reason"] == RESUMING
+    assert cond(status, "Failed")["status"] == "False"
+    assert (status["interruptions"], status["failures"]) == (2, 0)
+    # ... and while that Job is being deleted, with its pods already gone, it stays Resuming (not Failed)
+    j["metadata"]["deletionTimestamp"] = DELETED
+    deleting = derive_status(ftj(status, backoffLimit=1), j, [], NOW)
+    assert cond(deleting, "Running")["reason"] == RESUMING
+    assert (deleting["interruptions"], deleting["failures"]) == (2, 0)
+
+
+def test_counts_carry_over_from_earlier_jobs():
+    j = job()
+    j["metadata"]["annotations"] = {"kubesloth.io/prior-interruptions": "4", "kubesloth.io/prior-failures": "1"}
+    status = derive_status(ftj(backoffLimit=2), j, [sigterm(0), failed_pod(1, name="p1", created="2026-11-29T11:05:00Z")], NOW)
+    assert (status["interruptions"], status["failures"]) == (5, 2) and status["phase"] == "Pending"
+    over = derive_status(ftj(backoffLimit=1), j, [failed_pod(1, name="p1")], NOW)
+    assert over["phase"] == "Failed" and "backoffLimit 1 reached after 2 failures" in over["message"]
+    # no Job (suspended): what was counted stands
+    kept = derive_status(ftj(status, suspend=True), None, [], NOW)
+    assert (kept["interruptions"], kept["failures"]) == (5, 2)
+
+
+def test_too_many_interruptions_fail_the_run():
+    pods = [sigterm(i) for i in range(3)]
+    status = derive_status(ftj(maxInterruptions=2), job(failed=3), pods, NOW)
+    assert status["phase"] == "Failed" and cond(status, "Failed")["reason"] == "TooManyInterruptions"
+    assert "maxInterruptions 2" in status["message"]
+    assert derive_status(ftj(maxInterruptions=3), job(failed=3), pods, NOW)["phase"] == "Pending"

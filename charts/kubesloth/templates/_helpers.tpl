@@ -64,10 +64,11 @@ the calls in operator/kube.py plus kopf's own (watch, annotations patch, warning
   - apiGroups: [kubesloth.io]
     resources: [finetunejobs/status]
     verbs: [patch]
-  # One Job per FineTuneJob; deleted to suspend or restart it.
+  # One Job per FineTuneJob; deleted to suspend or restart it; patched (parallelism 0) to stop a failed run's
+  # retries while keeping its pods.
   - apiGroups: [batch]
     resources: [jobs]
-    verbs: [create, get, list, watch, delete]
+    verbs: [create, get, list, watch, patch, delete]
   # Phase, exit codes and the pod IP whose metrics give progress (scraped directly, no pods/proxy).
   - apiGroups: [""]
     resources: [pods]

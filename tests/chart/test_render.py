@@ -283,7 +283,7 @@ def _rules(role: dict) -> dict[tuple[str, str], set[str]]:
 NAMESPACED_RULES = {
     ("kubesloth.io", "finetunejobs"): {"get", "list", "watch", "patch", "delete"},
     ("kubesloth.io", "finetunejobs/status"): {"patch"},
-    ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
+    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "configmaps"): {"create", "get"},
     ("", "events"): {"create"},

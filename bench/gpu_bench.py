@@ -815,7 +815,7 @@ def cmd_plan_table(args) -> int:
             seen_arch.add(arch)
             marker.touch()
         results.append(result)
-        waited = wait_for_drain(nvml, baseline)
+        waited = wait_for_drain(nvml, baseline, limit=max(min(15.0, deadline - time.time()), 0.0))
         log(f"{name}: exit {result['exit_code']}{' (timed out)' if result['timed_out'] else ''}, plan "
             f"{plan_text(result)}, {result['tokens_per_s'] or 0:.0f} tok/s, torch reserved "
             f"{fmt_gib(result['torch_reserved_peak'])} GiB, NVML {fmt_gib(result['nvml_peak'])} GiB, first step "

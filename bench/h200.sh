@@ -13,7 +13,7 @@ set -uo pipefail
 phase=${1:?phase: issue7, table or plan}
 case "$phase" in
   issue7|table) rows=${2:-unsloth-1x4,unsloth-8x1,hf-1x4,lean,lean-24g,fast} ;;
-  plan) rows=${2:-qwen1.5b:2048:80,8b:2048:24,8b:16384:24,qwen7b:8192:48} ;;
+  plan) rows=${2:-qwen1.5b:2048:80,8b:16384:24,qwen7b:8192:48,8b:2048:24,qwen7b:2048:80,8b:8192:48} ;;
   *) echo "unknown phase $phase (issue7, table or plan)" >&2; exit 2 ;;
 esac
 budget=${BUDGET:-570}

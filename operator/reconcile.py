@@ -155,9 +155,20 @@ class Reconciler:
                 log.exception("status enricher failed for %s/%s", namespace, name)
         outcome.phase = new_status["phase"]
 
-        if _differs(old, new_status):
-            self.api.patch_ftj_status(namespace, name, new_status)
-            ftj["status"] = {**old, **new_status}
+        # Phase and conditions first, in a patch of their own; then progress/cost, read from the trainer (which
+        # the user's code runs in): a value the API server refuses there costs that patch, never the phase.
+        phase_status = {k: v for k, v in new_status.items() if k not in BEST_EFFORT_STATUS}
+        if _differs(old, phase_status):
+            self.api.patch_ftj_status(namespace, name, phase_status)
+            ftj["status"] = {**old, **phase_status}
+        best_effort = {k: v for k, v in new_status.items() if k in BEST_EFFORT_STATUS}
+        if _differs(old, best_effort):
+            try:
+                self.api.patch_ftj_status(namespace, name, best_effort)
+                ftj["status"] = {**(ftj.get("status") or old), **best_effort}
+            except ApiException as err:
+                log.warning("status.progress/cost of %s/%s not written (the phase was): API %s %s",
+                            namespace, name, err.status, str(err.body or err.reason or "")[:300])
         if job is not None and not job["metadata"].get("deletionTimestamp"):
             if (new_status["phase"] == Phase.Failed.value and not status_mod.job_finished(job)
                     and (job.get("spec") or {}).get("parallelism") != 0):
@@ -242,6 +253,10 @@ def _spec_in(configmap: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     text = (configmap.get("data") or {}).get(contract.CONFIG_FILE_NAME)
     return (yaml.safe_load(text) or {}).get("spec") if text else None
+
+
+# Status fields read from the trainer's metrics (operator/progress.py): written apart from the phase.
+BEST_EFFORT_STATUS = frozenset({"progress", "cost"})
 
 
 def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -162,9 +162,15 @@ FTJ = {"metadata": {"namespace": "ml", "name": "llama"},
                   "progress": {"step": 100, "updatedAt": "2026-11-29T01:59:20Z"}}}
 
 
+def scraper_at(now: datetime) -> prog.BackgroundScraper:
+    """A background scraper whose readings are dated `now`."""
+    return prog.BackgroundScraper(clock=lambda: now)
+
+
 def test_enricher_adds_progress_and_cost_of_a_running_job(trainer_endpoint):
     prices = prog.PriceTable.from_env({prog.PRICES_ENV: '{"NVIDIA-L40S": 1.5}'})
-    status = prog.enrich_status(FTJ, None, [trainer_endpoint], {"phase": "Running"}, now=NOW, prices=prices)
+    status = prog.enrich_status(FTJ, None, [trainer_endpoint], {"phase": "Running"}, now=NOW, prices=prices,
+                                scraper=scraper_at(NOW), scrape_wait=5)
     assert status["progress"]["display"] == "120/400" and status["progress"]["peakGpuMemory"] == "33.4Gi"
     assert status["progress"]["etaSeconds"] == 560.0  # from the trainer-less rate: 20 steps in 40 s
     assert status["cost"]["gpuHourlyPrice"] == 1.5 and status["cost"]["dollars"] == 1.5
@@ -172,7 +178,8 @@ def test_enricher_adds_progress_and_cost_of_a_running_job(trainer_endpoint):
 
 def test_enricher_keeps_old_progress_while_the_trainer_does_not_answer(trainer_endpoint):
     pod = {**trainer_endpoint, "status": {"phase": "Running"}}  # no pod IP yet
-    status = prog.enrich_status(FTJ, None, [pod], {"phase": "Running"}, now=NOW, prices=prog.PriceTable())
+    status = prog.enrich_status(FTJ, None, [pod], {"phase": "Running"}, now=NOW, prices=prog.PriceTable(),
+                                scraper=scraper_at(NOW), scrape_wait=5)
     assert "progress" not in status and "cost" not in status  # the merge patch leaves the old values
 
 
@@ -244,7 +251,8 @@ def test_price_table_from_env_names_the_bad_variable():
 
 def test_the_operator_reads_progress_often_enough():
     """status.progress must never be more than 30 s old while the trainer answers: the enricher runs on every
-    reconcile, and the operator's resync reconciles every running job at least every resync_seconds."""
+    reconcile, and the operator's resync reconciles every running job at least every resync_seconds; each
+    reconcile writes the reading the previous one started, so a reading is at most two resyncs old."""
     from kubesloth.operator.settings import OperatorSettings
 
     assert OperatorSettings().resync_seconds <= 15

@@ -28,7 +28,7 @@ PYTHONSAFEPATH=1 python3 -m pip install -q --no-index --no-deps --no-compile --n
 shim=/tmp/shim/kubesloth
 mkdir -p $shim
 for f in kubesloth/*; do ln -sfn "$PWD/$f" $shim/; done
-for d in api trainer operator; do ln -sfn "$PWD/$d" $shim/$d; done
+for d in api trainer operator planner; do ln -sfn "$PWD/$d" $shim/$d; done
 # Never the repo root itself on sys.path: its operator/ would shadow the standard library's operator module.
 export PYTHONSAFEPATH=1 PYTHONPATH=/tmp/shim:/tmp/site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1

@@ -246,3 +246,15 @@ def test_cpu_dry_run_models_and_plan_table(tmp_path):
     assert "resources" not in json.loads((tmp_path / "work" / "job-plan-02-tiny_64_-_lean.yaml").read_text())["spec"]
     md = (out / "plan-table.md").read_text()
     assert md.count("\n") == 5 and "tiny-qwen:64:24" in md
+
+
+def test_h200_shim_maps_every_package_the_project_maps():
+    """bench/h200.sh maps the repo onto `kubesloth` with symlinks (no install on the device machine): every
+    `kubesloth.X = dir` of pyproject's package-dir must be linked, or the trainer fails to import there."""
+    import re
+    import tomllib
+
+    mapped = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    wanted = {d for name, d in mapped.items() if name.startswith("kubesloth.") and name.count(".") == 1}
+    linked = re.search(r"^for d in ([\w ]+); do ln -sfn", (REPO_ROOT / "bench" / "h200.sh").read_text(), re.M)
+    assert linked and wanted <= set(linked[1].split()), (wanted, linked and linked[1])

@@ -19,7 +19,26 @@ from . import v1alpha1 as api
 _KEPT = {
     "type", "description", "enum", "minimum", "maximum", "pattern", "minLength", "maxLength",
     "minItems", "maxItems", "default", "format", "required", "properties", "items", "additionalProperties",
+    "minProperties", "maxProperties",
 }
+# Value validations across fields or a second pattern: an `allOf` of junctors (anyOf/not/required/properties with
+# value checks only), which structural schemas allow (no CEL on v1.20). The types put them in json_schema_extra.
+_JUNCTOR_KEYS = {"allOf", "anyOf", "not", "required", "properties", "enum", "minLength", "maxLength", "pattern",
+                 "minimum", "maximum"}
+
+
+def _check_junctor(node: Any) -> Any:
+    """A junctor may hold value validations only (no type, description, default: the structural rules)."""
+    if isinstance(node, list):
+        return [_check_junctor(item) for item in node]
+    if isinstance(node, dict):
+        bad = set(node) - _JUNCTOR_KEYS
+        if bad:
+            raise ValueError(f"a junctor may hold only value validations, not {sorted(bad)}: {node}")
+        return {key: (_check_junctor(value) if key in ("allOf", "anyOf", "not") else
+                      {name: _check_junctor(sub) for name, sub in value.items()} if key == "properties" else value)
+                for key, value in node.items()}
+    raise ValueError(f"not a schema: {node!r}")
 
 
 def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +65,8 @@ def to_structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any
         for key in ("description", "default"):
             if key in schema:
                 out[key] = schema[key]
+        if "allOf" in schema:
+            out["allOf"] = _check_junctor(schema["allOf"])
         if out.get("default", 0) is None:
             del out["default"]
         return out
@@ -70,6 +91,8 @@ def to_structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any
         extra = schema.get("additionalProperties")
         if isinstance(extra, dict):
             out["additionalProperties"] = to_structural(extra, defs)
+    if "allOf" in schema:
+        out["allOf"] = _check_junctor(schema["allOf"])
     if out.get("type") == "array" and "items" in schema:
         out["items"] = to_structural(schema["items"], defs)
     if "enum" in out and "type" not in out:
@@ -164,7 +187,10 @@ def render_docs() -> str:
         "`kubectl explain ftj.spec --recursive` shows the same descriptions from a live cluster.",
         "",
         "What the API server checks (Kubernetes v1.20+): types, enums, minimums/maximums, patterns, required "
-        "fields; unknown fields are dropped by the server (v1.20 has no strict field validation). The trainer "
+        "fields, cross-field toleration rules (allOf/anyOf junctors); unknown fields are dropped by the server "
+        "(v1.20 has no strict field validation: the operator reports them, condition UnknownFields). What no v1.20 "
+        "schema can check (nodeSelector keys, file:// destinations in a pod, what the API server would refuse in "
+        "the Job) the operator refuses before creating anything (docs/operator.md, Refusals). The trainer "
         "validates the same types again at start-up and exits with code 2 naming the field.",
         "",
         "| field | type | default | allowed | description |",

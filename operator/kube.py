@@ -82,8 +82,11 @@ class KubeApi:
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._or_none(self.batch.read_namespaced_job, name, namespace)
 
-    def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
-        return _json(self.batch.create_namespaced_job(body["metadata"]["namespace"], body, _preload_content=False))
+    def create_job(self, body: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        """dry_run: validated and admitted by the API server, not stored (dryRun=All)."""
+        extra = {"dry_run": "All"} if dry_run else {}
+        return _json(self.batch.create_namespaced_job(body["metadata"]["namespace"], body, _preload_content=False,
+                                                      **extra))
 
     def delete_job(self, namespace: str, name: str, uid: str) -> None:
         # Foreground: the Job object stays until its pods are gone, so a resume cannot start a second trainer
@@ -112,9 +115,17 @@ class KubeApi:
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._or_none(self.core.read_namespaced_config_map, name, namespace)
 
-    def create_configmap(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_configmap(self, body: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        extra = {"dry_run": "All"} if dry_run else {}
         return _json(self.core.create_namespaced_config_map(body["metadata"]["namespace"], body,
-                                                            _preload_content=False))
+                                                            _preload_content=False, **extra))
+
+    def replace_configmap(self, body: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        """PUT with the body's resourceVersion: refused (409) if the ConfigMap changed since it was read."""
+        extra = {"dry_run": "All"} if dry_run else {}
+        meta = body["metadata"]
+        return _json(self.core.replace_namespaced_config_map(meta["name"], meta["namespace"], body,
+                                                             _preload_content=False, **extra))
 
     # Events
     def post_event(self, ftj: dict[str, Any], kind: str, reason: str, message: str) -> None:

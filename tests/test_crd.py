@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -25,7 +27,14 @@ def test_schema_is_structural_and_documented():
 
     def walk(node, where):
         assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{where} has no type"
-        assert not {"anyOf", "oneOf", "allOf", "$ref"} & node.keys(), f"{where} is not structural"
+        assert not {"anyOf", "oneOf", "$ref"} & node.keys(), f"{where} is not structural"
+        for junctor in node.get("allOf", []):  # value validations only, on fields the node declares
+            text = json.dumps(junctor)
+            assert not {'"type"', '"description"', '"default"', '"nullable"'} & {w for w in
+                    ('"type"', '"description"', '"default"', '"nullable"') if w in text}, f"{where}: {junctor}"
+            for name in re.findall(r'"required": \[([^\]]*)\]', text) + re.findall(r'"(\w+)": \{"(?:min|max|enum)', text):
+                for field in re.findall(r'"?(\w+)"?', name):
+                    assert field in node.get("properties", {}) or node.get("type") == "string", (where, field)
         for name, sub in node.get("properties", {}).items():
             if where.startswith(".spec"):
                 assert sub.get("description"), f"{where}.{name} has no description"
@@ -110,10 +119,97 @@ SERVER_REJECTS = [
     ("backoffLimit", -1, "spec.backoffLimit"),
     ("model.maxSeqLength", 4, "spec.model.maxSeqLength"),
     ("tolerations", [{"operator": "Sometimes"}], "spec.tolerations.operator"),  # v1.20 drops the index
+] + [
+    # issue 12: specs the Job API rejected after the ConfigMap was made, the trainer refused, or that overflowed
+    ("tolerations", [{"key": "bad key!", "operator": "Exists"}], "spec.tolerations.key"),
+    ("tolerations", [{"key": "a" * 254 + "/name", "operator": "Exists"}], "spec.tolerations.key"),
+    ("tolerations", [{"key": "example.com/" + "n" * 64, "operator": "Exists"}], "spec.tolerations.key"),
+    ("tolerations", [{"key": "dedicated", "value": "bad value"}], "spec.tolerations.value"),
+    ("tolerations", [{"key": "dedicated", "value": "v" * 64}], "spec.tolerations.value"),
+    ("tolerations", [{"key": "dedicated", "operator": "Exists", "value": "gpu"}], "spec.tolerations"),
+    ("tolerations", [{"operator": "Equal", "value": "gpu"}], "spec.tolerations"),
+    ("tolerations", [{"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}],
+     "spec.tolerations"),
+    ("tolerations", [{"key": "k", "operator": "Exists", "tolerationSeconds": 30}], "spec.tolerations"),
+    ("tolerations", [{"key": "k", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 2**63 - 1}],
+     "spec.tolerations.tolerationSeconds"),
+    ("tolerations", [{"key": f"k{i}", "operator": "Exists"} for i in range(65)], "spec.tolerations"),
+    ("nodeSelector", {"pool": "bad value"}, "spec.nodeSelector"),
+    ("nodeSelector", {"pool": "v" * 64}, "spec.nodeSelector"),
+    ("nodeSelector", {f"k{i}": "v" for i in range(65)}, "spec.nodeSelector"),
+    ("model.tokenSecretRef", {"name": "hf-token", "key": "my token"}, "spec.model.tokenSecretRef.key"),
+    ("model.tokenSecretRef", {"name": "hf-token", "key": "..token"}, "spec.model.tokenSecretRef.key"),
+    ("model.tokenSecretRef", {"name": "hf-token", "key": "k" * 254}, "spec.model.tokenSecretRef.key"),
+    ("priorityClassName", "p" * 10000, "spec.priorityClassName"),
+    ("queueName", "q" * 10000, "spec.queueName"),
+    ("queueName", "q" * 64, "spec.queueName"),
+    ("output.destination", "s3://bucket/model-out", "spec.output.destination"),
+    ("output.destination", "pvc://outputs/../../escape-out", "spec.output.destination"),
+    ("output.destination", "pvc://outputs/..", "spec.output.destination"),
+    ("model.source", "pvc://models/../other/model", "spec.model.source"),
+    ("dataset.source", "file:///data/../etc/passwd", "spec.dataset.source"),
+    ("model.source", "hf://org/..", "spec.model.source"),
+    ("training.seed", 2**63 - 1, "spec.training.seed"),
+    ("training.seed", 2**32, "spec.training.seed"),
+    ("training.maxSteps", 2**63 - 1, "spec.training.maxSteps"),
+    ("training.loggingSteps", 2**31, "spec.training.loggingSteps"),
+    ("output.checkpointEverySteps", 2**31, "spec.output.checkpointEverySteps"),
+    ("dataset.maxSamples", 2**31, "spec.dataset.maxSamples"),
+    ("ttlSecondsAfterFinished", 2**63 - 1, "spec.ttlSecondsAfterFinished"),
+    ("activeDeadlineSeconds", 2**63 - 1, "spec.activeDeadlineSeconds"),
+]
+
+# The same rows fixed: accepted (and what only the operator can refuse is accepted at the door).
+SCHEMA_ACCEPTS = [
+    ("tolerations", [{"key": "example.com/" + "n" * 63, "operator": "Exists", "effect": "NoExecute",
+                      "tolerationSeconds": 2**31 - 1}]),
+    ("tolerations", [{"operator": "Exists"}]),  # every taint
+    ("tolerations", [{"key": "dedicated", "operator": "Exists", "value": ""}]),
+    ("tolerations", [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]),
+    ("nodeSelector", {"pool": "gpu-a", "example.com/tier": "t1"}),
+    ("nodeSelector", {"bad key": "v"}),  # keys: the operator's check (no propertyNames in a v1.20 schema)
+    ("model.tokenSecretRef", {"name": "hf-token", "key": ".hf_token-1"}),
+    ("priorityClassName", "p" * 253),
+    ("queueName", "q" * 63),
+    ("output.destination", "pvc://outputs/a/.../b/.hidden"),
+    ("output.destination", "file:///tmp/model-out"),  # the operator's check (the trainer may run outside a pod)
+    ("training.seed", 2**32 - 1),
+    ("ttlSecondsAfterFinished", 2**31 - 1),
+    ("activeDeadlineSeconds", 2**31 - 1),
 ]
 
 
-@pytest.mark.parametrize("path,value,field", SERVER_REJECTS, ids=[f"{p}={v!r}" for p, v, _ in SERVER_REJECTS])
+def _schema_validator():
+    return jsonschema.Draft4Validator(crd.openapi_schema())
+
+
+@pytest.mark.parametrize("path,value,field", SERVER_REJECTS, ids=[f"{p}={str(v)[:40]!r}" for p, v, _ in SERVER_REJECTS])
+def test_schema_rejects_invalid_finetunejob(path, value, field):
+    doc = _tiny("bad")
+    _set(doc, path, value)
+    errors = list(_schema_validator().iter_errors(doc))
+    assert errors, f"schema accepted {path}={str(value)[:80]!r}"
+    where = {"spec." + ".".join(str(p) for p in e.absolute_path if not isinstance(p, int))[len("spec."):]
+             for e in errors}
+    assert any(w.startswith(field) or field.startswith(w) for w in where), where
+
+
+@pytest.mark.parametrize("path,value", SCHEMA_ACCEPTS, ids=[f"{p}={str(v)[:40]!r}" for p, v in SCHEMA_ACCEPTS])
+def test_schema_accepts_the_corrected_finetunejob(path, value):
+    doc = _tiny("good")
+    _set(doc, path, value)
+    assert not list(_schema_validator().iter_errors(doc))
+
+
+@pytest.mark.parametrize("path,value", SCHEMA_ACCEPTS[:5], ids=[f"{p}={str(v)[:40]!r}" for p, v in SCHEMA_ACCEPTS[:5]])
+def test_server_accepts_the_corrected_finetunejob(kubectl, namespace, path, value):
+    doc = _tiny("good")
+    _set(doc, path, value)
+    kubectl("apply", "--validate=false", "-n", namespace, "-f", "-", input=json.dumps(doc))
+
+
+@pytest.mark.parametrize("path,value,field", SERVER_REJECTS,
+                         ids=[f"{p}={str(v)[:40]!r}" for p, v, _ in SERVER_REJECTS])
 def test_server_rejects_invalid_finetunejob(kubectl, namespace, path, value, field):
     doc = _tiny("bad")
     _set(doc, path, value)

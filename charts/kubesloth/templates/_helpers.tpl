@@ -73,10 +73,10 @@ the calls in operator/kube.py plus kopf's own (watch, annotations patch, warning
   - apiGroups: [""]
     resources: [pods]
     verbs: [list, watch]
-  # The FineTuneJob spec the trainer pod mounts.
+  # The FineTuneJob spec the trainer pod mounts (update: rewritten while no run has started from it).
   - apiGroups: [""]
     resources: [configmaps]
-    verbs: [create, get]
+    verbs: [create, get, update]
   - apiGroups: [""]
     resources: [events]
     verbs: [create]

@@ -35,6 +35,8 @@ class Env(str, enum.Enum):
     JOB_NAME = "KUBESLOTH_FINETUNEJOB"  # the FineTuneJob's name (metric label)
     NAMESPACE = "KUBESLOTH_NAMESPACE"  # its namespace (metric label)
     HF_TOKEN = "HF_TOKEN"  # from spec.model.tokenSecretRef; never logged
+    # The GPU budget in bytes the operator planned with, when it came from its GPU table (resources.gpuProduct).
+    GPU_BUDGET_BYTES = "KUBESLOTH_GPU_BUDGET_BYTES"
     # The pod's terminationGracePeriodSeconds: how long the trainer has from SIGTERM to SIGKILL.
     TERMINATION_GRACE_SECONDS = "KUBESLOTH_TERMINATION_GRACE_SECONDS"
 

@@ -8,9 +8,10 @@ Only stdlib and pydantic may be imported here (tests/test_layers.py enforces it)
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubesloth.io"
@@ -23,17 +24,43 @@ SHORT_NAMES = ["ftj"]
 CATEGORIES = ["kubesloth", "ml"]
 
 # RE2-compatible (the API server validates `pattern` with Go's regexp): no look-arounds.
+# A path segment that is not `..` (the trainer maps pvc:// and file:// paths onto the file system; a `..` would
+# leave the volume): empty segments and `.` are harmless, `...` is a name.
+_SEGMENT = r"(\.?[^\s/.][^\s/]*|\.\.[^\s/]+|\.)?"
+_PATH = rf"(/{_SEGMENT})*"
+_CLAIM = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+# Hugging Face repo ids start and end alphanumeric and never hold `..` (huggingface_hub validate_repo_id);
+# a revision is a git ref or commit (git forbids `..` and components starting with `.`).
+_HF_PART = r"[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*"
+_HF_REVISION = r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(/[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)*"
 SOURCE_PATTERN = (
-    r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?(@[A-Za-z0-9._/-]+)?"
-    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?"
-    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
-    r"|file:///[^\s]*)$"
+    rf"^(hf://{_HF_PART}(/{_HF_PART})?(@{_HF_REVISION})?"
+    rf"|pvc://{_CLAIM}{_PATH}"
+    rf"|s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9]{_PATH}"
+    rf"|file://{_PATH})$"
 )
-DESTINATION_PATTERN = (
-    r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?"
-    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
-    r"|file:///[^\s]*)$"
-)
+# No s3:// (the trainer cannot write checkpoints atomically to an object store and refuses it, exit 2). file:// is
+# for the trainer run outside a pod (the same types); in a pod the operator builds, nothing but pvc:// claims is a
+# volume, so the operator refuses a file:// destination (docs/operator.md) instead of losing the model.
+DESTINATION_PATTERN = rf"^(pvc://{_CLAIM}{_PATH}|file://{_PATH})$"
+# Kubernetes' own syntax (k8s.io/apimachinery/pkg/util/validation): a label value (IsValidLabelValue, <= 63,
+# may be empty), the name part of a qualified name (label key, toleration key: IsQualifiedName), a ConfigMap or
+# Secret key (IsConfigMapKey: [-._a-zA-Z0-9]+, <= 253, not `.`, `..` or starting with `..`).
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+_QUALIFIED_NAME = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+QUALIFIED_NAME_PATTERN = rf"^(({_DNS_SUBDOMAIN}/)?{_QUALIFIED_NAME})?$"  # empty: a toleration of every key
+# The lengths, as a second pattern (an allOf in the CRD): prefix <= 253, name <= 63, so at most 317 in all.
+QUALIFIED_NAME_LENGTHS = r"^(([^/]{1,253}/)?[^/]{1,63})?$"
+QUALIFIED_NAME_MAX = 253 + 1 + 63
+CONFIG_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+# Integer bounds. Counts and seconds: int32 (Kubernetes' own Job.spec.ttlSecondsAfterFinished is an int32;
+# activeDeadlineSeconds and tolerationSeconds become a Go time.Duration of nanoseconds in the Job controller and
+# the taint manager, which overflows above 9223372036 s and fires at once; Python's datetime + timedelta
+# overflows past the year 9999). 2**31-1 s is 68 years, below all of them. The seed: numpy (transformers'
+# set_seed seeds it) takes 0..2**32-1 only.
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1
 QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -51,6 +78,19 @@ class _Model(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         """The camelCase dict the API server stores (unset optional fields left out)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ModelArchitecture(str, enum.Enum):
+    """Known shapes (kubesloth.planner.shapes.KNOWN_SHAPES; a test keeps the two lists equal)."""
+
+    llama_3_1_8b = "llama-3.1-8b"
+    llama_3_2_3b = "llama-3.2-3b"
+    llama_3_2_1b = "llama-3.2-1b"
+    qwen2_5_7b = "qwen2.5-7b"
+    qwen2_5_3b = "qwen2.5-3b"
+    qwen2_5_1_5b = "qwen2.5-1.5b"
+    qwen2_5_0_5b = "qwen2.5-0.5b"
+    mistral_7b_v0_3 = "mistral-7b-v0.3"
 
 
 class DatasetFormat(str, enum.Enum):
@@ -106,7 +146,9 @@ FINISHED_PHASES = frozenset({Phase.Succeeded.value, Phase.Failed.value})
 class SecretKeyRef(_Model):
     name: Annotated[str, Field(description="Name of a Secret in the FineTuneJob's namespace.",
                                pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
-    key: Annotated[str, Field(description="Key in the Secret that holds the token.", min_length=1)] = "token"
+    key: Annotated[str, Field(description="Key in the Secret that holds the token ([-._a-zA-Z0-9]+, not `.`, "
+                                          "`..` or starting with `..`; a Secret key's syntax).",
+                              min_length=1, max_length=253, pattern=CONFIG_KEY_PATTERN)] = "token"
 
 
 class ModelSpec(_Model):
@@ -119,6 +161,11 @@ class ModelSpec(_Model):
                     "from the Secret; never copied into the ConfigMap, status, events or logs.")] = None
     max_seq_length: Annotated[int, Field(
         description="Longest sequence in tokens; longer examples are truncated.", ge=16, le=131072)] = 2048
+    architecture: Annotated[Optional[ModelArchitecture], Field(
+        description="The model's shape by name, for the memory planner when the operator cannot read the "
+                    "model's config.json (a pvc:// model on a real cluster). Unset: read from config.json "
+                    "(hf:// through the hub client, file:// and pvc:// where the operator can see them), else "
+                    "a known hub name, else the estimate is made in the pod.")] = None
 
 
 class DatasetSpec(_Model):
@@ -135,7 +182,7 @@ class DatasetSpec(_Model):
     packing: Annotated[bool, Field(
         description="Pack several short examples into one sequence (padding-free, examples kept apart).")] = False
     max_samples: Annotated[Optional[int], Field(
-        description="Use only the first N records (smoke tests, demos).", ge=1)] = None
+        description="Use only the first N records (smoke tests, demos).", ge=1, le=INT32_MAX)] = None
 
 
 class TrainingSpec(_Model):
@@ -146,34 +193,45 @@ class TrainingSpec(_Model):
     epochs: Annotated[int, Field(description="Passes over the dataset (ignored when maxSteps is set).",
                                  ge=1, le=1000)] = 1
     max_steps: Annotated[Optional[int], Field(
-        description="Stop after this many optimizer steps; overrides epochs.", ge=1)] = None
+        description="Stop after this many optimizer steps; overrides epochs.", ge=1, le=INT32_MAX)] = None
     learning_rate: Annotated[float, Field(description="Peak learning rate; must be > 0 and < 1.",
                                           gt=0, lt=1)] = 2.0e-5
-    per_device_batch_size: Annotated[int, Field(description="Sequences per forward pass.", ge=1, le=1024)] = 1
-    gradient_accumulation_steps: Annotated[int, Field(
-        description="Forward/backward passes per optimizer step.", ge=1, le=1024)] = 4
-    optimizer: Annotated[Optimizer, Field(
-        description="Optimizer; 8-bit and paged variants need a GPU (the CPU engine maps them to adamw_torch).")
-    ] = Optimizer.paged_adamw_8bit
-    gradient_checkpointing: Annotated[GradientCheckpointing, Field(
-        description='Activation checkpointing: "unsloth" (offloaded to host memory), "true" or "false". '
-                    "A string, not a YAML boolean.")] = GradientCheckpointing.unsloth
+    per_device_batch_size: Annotated[Optional[int], Field(
+        description="Sequences per forward pass. Unset: the memory planner picks the sequences per step (about "
+                    "16k tokens a step, at most 8 sequences) under profiles auto/lean/fast; 1 under custom. Set: "
+                    "perDeviceBatchSize x gradientAccumulationSteps sequences make each optimizer step, or the "
+                    "job is refused with the largest batch that fits.", ge=1, le=1024)] = None
+    gradient_accumulation_steps: Annotated[Optional[int], Field(
+        description="Forward/backward passes per optimizer step. Unset: 1 under auto/lean/fast, 4 under custom. "
+                    "The fused engine (auto/lean/fast on a GPU) runs the same sequences in one pass "
+                    "(status.estimate.changes says so).", ge=1, le=1024)] = None
+    optimizer: Annotated[Optional[Optimizer], Field(
+        description="Optimizer. Unset: the profile's (8-bit AdamW with states where the planner fits them; "
+                    "paged_adamw_8bit under custom). Set: honoured, or the job is refused with a reason; 8-bit "
+                    "and paged variants need a GPU (the CPU engine maps them to adamw_torch).")] = None
+    gradient_checkpointing: Annotated[Optional[GradientCheckpointing], Field(
+        description='Activation checkpointing: "unsloth" (offloaded to host memory), "true" or "false" (a '
+                    "string, not a YAML boolean). Unset: unsloth, with as many layers left uncheckpointed as "
+                    "the budget allows under auto/fast.")] = None
     lr_scheduler: Annotated[LRScheduler, Field(description="Learning-rate schedule.")] = LRScheduler.linear
     warmup_ratio: Annotated[float, Field(description="Fraction of steps spent warming up, 0 to 1.",
                                          ge=0, le=1)] = 0.03
     weight_decay: Annotated[float, Field(description="AdamW weight decay, >= 0.", ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(description="Gradient clipping norm; 0 turns clipping off.",
                                           ge=0)] = 1.0
-    seed: Annotated[int, Field(description="Random seed for data order and initialisation.", ge=0)] = 3407
-    logging_steps: Annotated[int, Field(description="Log and publish progress every N steps.", ge=1)] = 1
+    seed: Annotated[int, Field(description="Random seed for data order and initialisation (numpy's range).",
+                               ge=0, le=SEED_MAX)] = 3407
+    logging_steps: Annotated[int, Field(description="Log and publish progress every N steps.", ge=1,
+                                        le=INT32_MAX)] = 1
 
 
 class OutputSpec(_Model):
     destination: Annotated[str, Field(
-        description="Where checkpoints and the final model go: pvc://CLAIM/path, s3://bucket/prefix or "
-                    "file:///path.", pattern=DESTINATION_PATTERN)]
+        description="Where checkpoints and the final model go: pvc://CLAIM/path (no `..` segments). file:///path "
+                    "only for the trainer run outside a pod: the operator refuses it (a pod's file system is lost "
+                    "with the pod).", pattern=DESTINATION_PATTERN)]
     checkpoint_every_steps: Annotated[int, Field(
-        description="Write a resumable checkpoint every N optimizer steps.", ge=1)] = 200
+        description="Write a resumable checkpoint every N optimizer steps.", ge=1, le=INT32_MAX)] = 200
     checkpoints_to_keep: Annotated[int, Field(description="Newest checkpoints kept; older ones are deleted.",
                                               ge=1, le=100)] = 2
 
@@ -193,14 +251,82 @@ class ResourcesSpec(_Model):
                                         pattern=QUANTITY_PATTERN)] = None
 
 
+def qualified_name_problem(value: str) -> str | None:
+    """Why `value` is no Kubernetes qualified name (label key, toleration key), as IsQualifiedName says; None if it
+    is one."""
+    prefix, slash, name = value.rpartition("/")
+    if not re.fullmatch(_QUALIFIED_NAME, name) or len(name) > 63:
+        return ("the name part must be 1-63 characters, alphanumeric, '-', '_' or '.', starting and ending "
+                "alphanumeric")
+    if slash and (not re.fullmatch(_DNS_SUBDOMAIN, prefix) or len(prefix) > 253):
+        return "the prefix must be a DNS subdomain (lowercase alphanumeric, '-' or '.') of at most 253 characters"
+    return None
+
+
+def _qualified_name(value: Optional[str]) -> Optional[str]:
+    if value:
+        problem = qualified_name_problem(value)
+        if problem:
+            raise ValueError(f"{value[:80]!r} is not a qualified name: {problem}")
+    return value
+
+
+# The toleration rules Kubernetes checks across fields (validateTolerations), as structural-schema value
+# validations (anyOf/not/required: v1.20 has them, no CEL needed) and again in Python below.
+_TOLERATION_RULES = [
+    # operator Exists => no value
+    {"anyOf": [{"not": {"required": ["value"]}}, {"properties": {"value": {"maxLength": 0}}},
+               {"properties": {"operator": {"enum": ["Equal"]}}}]},
+    # no key => operator Exists (match every taint)
+    {"anyOf": [{"required": ["key"], "properties": {"key": {"minLength": 1}}},
+               {"required": ["operator"], "properties": {"operator": {"enum": ["Exists"]}}}]},
+    # tolerationSeconds => effect NoExecute
+    {"anyOf": [{"not": {"required": ["tolerationSeconds"]}},
+               {"required": ["effect"], "properties": {"effect": {"enum": ["NoExecute"]}}}]},
+]
+
+
 class Toleration(_Model):
-    key: Annotated[Optional[str], Field(description="Taint key the toleration applies to.")] = None
-    operator: Annotated[Optional[Literal["Exists", "Equal"]], Field(description="Exists or Equal.")] = None
-    value: Annotated[Optional[str], Field(description="Taint value, for operator Equal.")] = None
+    """A pod toleration, validated as Kubernetes validates it (the Job would be rejected otherwise)."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": _TOLERATION_RULES})
+    key: Annotated[Optional[str], Field(
+        description="Taint key the toleration applies to: a qualified name ([prefix/]name, prefix a DNS "
+                    "subdomain <= 253, name <= 63). Empty matches every key, with operator Exists.",
+        max_length=QUALIFIED_NAME_MAX, pattern=QUALIFIED_NAME_PATTERN,
+        json_schema_extra={"allOf": [{"pattern": QUALIFIED_NAME_LENGTHS}]})] = None
+    operator: Annotated[Optional[Literal["Exists", "Equal"]], Field(
+        description="Exists or Equal (the default); Exists needs no value and takes none.")] = None
+    value: Annotated[Optional[str], Field(description="Taint value, for operator Equal (a label value, <= 63).",
+                                          max_length=63, pattern=LABEL_VALUE_PATTERN)] = None
     effect: Annotated[Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]], Field(
         description="Taint effect to match; empty matches all.")] = None
     toleration_seconds: Annotated[Optional[int], Field(
-        description="For NoExecute: how long the pod stays bound after the taint appears.")] = None
+        description="Only with effect NoExecute: how long the pod stays bound after the taint appears.",
+        ge=0, le=INT32_MAX)] = None
+
+    _key = field_validator("key")(_qualified_name)
+
+    @field_validator("operator")
+    @classmethod
+    def _no_key_means_exists(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if not info.data.get("key") and value != "Exists" and "key" in info.data:
+            raise ValueError("operator must be Exists when key is empty (which matches every taint)")
+        return value
+
+    @field_validator("value")
+    @classmethod
+    def _exists_takes_no_value(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value and info.data.get("operator") == "Exists":
+            raise ValueError("value must be empty when operator is Exists")
+        return value
+
+    @field_validator("toleration_seconds")
+    @classmethod
+    def _seconds_need_no_execute(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is not None and info.data.get("effect") != "NoExecute":
+            raise ValueError("tolerationSeconds is only allowed with effect NoExecute")
+        return value
 
 
 class FineTuneJobSpec(_Model):
@@ -211,22 +337,27 @@ class FineTuneJobSpec(_Model):
     output: Annotated[OutputSpec, Field(description="Where checkpoints and the trained model are written.")]
     resources: Annotated[ResourcesSpec, Field(description="What the single-GPU pod asks for.",
                                               default_factory=ResourcesSpec)]
-    node_selector: Annotated[dict[str, str], Field(description="Extra node labels the pod must match.",
-                                                   default_factory=dict)]
-    tolerations: Annotated[list[Toleration], Field(description="Tolerations added to the pod (e.g. GPU taints).",
-                                                   default_factory=list)]
-    priority_class_name: Annotated[Optional[str], Field(description="PriorityClass of the pod.",
-                                                        pattern=DNS_SUBDOMAIN_PATTERN)] = None
+    node_selector: Annotated[dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]], Field(
+        description="Extra node labels the pod must match: keys are label keys ([prefix/]name; the operator checks "
+                    "them, a v1.20 schema cannot), values label values (<= 63). At most 64.",
+        default_factory=dict, max_length=64)]
+    tolerations: Annotated[list[Toleration], Field(description="Tolerations added to the pod (e.g. GPU taints); "
+                                                               "at most 64.",
+                                                   default_factory=list, max_length=64)]
+    priority_class_name: Annotated[Optional[str], Field(description="PriorityClass of the pod (a DNS subdomain, "
+                                                                    "<= 253).",
+                                                        pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)] = None
     queue_name: Annotated[Optional[str], Field(
-        description="Kueue LocalQueue: the Job gets label kueue.x-k8s.io/queue-name and is created suspended "
-                    "for Kueue to admit.", pattern=DNS_SUBDOMAIN_PATTERN)] = None
+        description="Kueue LocalQueue: the Job gets label kueue.x-k8s.io/queue-name (so <= 63, a label value) and "
+                    "is created suspended for Kueue to admit.", pattern=DNS_SUBDOMAIN_PATTERN, max_length=63)] = None
     image: Annotated[Optional[str], Field(description="Trainer image; overrides the operator's default.",
                                           min_length=1)] = None
     suspend: Annotated[bool, Field(
         description="Stop the running pod and keep the job; set back to false to resume from the newest "
                     "checkpoint.")] = False
     active_deadline_seconds: Annotated[Optional[int], Field(
-        description="Fail the run when it has been active this long.", ge=1)] = None
+        description="Fail the run when it has been active this long (<= 2147483647: larger values overflow "
+                    "the Job controller's clock and fail the run at once).", ge=1, le=INT32_MAX)] = None
     backoff_limit: Annotated[int, Field(
         description="Failed attempts (trainer errors, OOM) retried before the job is Failed; interruptions "
                     "(node drain, eviction, preemption, SIGTERM with a checkpoint) do not count, and a "
@@ -241,7 +372,17 @@ class FineTuneJobSpec(_Model):
                     "Default: the model's checkpoint size over a conservative write bandwidth, with margin "
                     "(600 when the size is unknown).", ge=10, le=7200)] = None
     ttl_seconds_after_finished: Annotated[Optional[int], Field(
-        description="Delete the FineTuneJob and its children this long after it finished.", ge=0)] = None
+        description="Delete the FineTuneJob and its children this long after it finished (<= 2147483647, "
+                    "Kubernetes' own Job TTL range).", ge=0, le=INT32_MAX)] = None
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            problem = qualified_name_problem(key)
+            if problem:
+                raise ValueError(f"key {key[:80]!r} is not a label key: {problem}")
+        return value
 
 
 class Condition(_Model):
@@ -269,11 +410,72 @@ class Progress(_Model):
     updated_at: Annotated[Optional[str], Field(description="When progress was last read (RFC 3339).")] = None
 
 
+class PlannedLayout(_Model):
+    model_config = ConfigDict(extra="allow")
+    engine: Annotated[Optional[str], Field(description="fused (auto/lean/fast) or unsloth (custom).")] = None
+    placement: Annotated[Optional[str], Field(
+        description="Where optimizer states live: device, paged (CUDA managed memory), host (pinned, streamed) "
+                    "or torch (32-bit on the device).")] = None
+    optimizer: Annotated[Optional[str], Field(description="The optimizer that runs.")] = None
+    checkpointing: Annotated[Optional[str], Field(description="Activation checkpointing mode.")] = None
+    sequences_per_step: Annotated[Optional[int], Field(description="Sequences in each optimizer step.")] = None
+    max_seq_length: Annotated[Optional[int], Field(description="Tokens per sequence.")] = None
+    uncheckpointed_layers: Annotated[Optional[int], Field(
+        description="Decoder layers that keep their activations instead of recomputing them.")] = None
+    torch_cap_bytes: Annotated[Optional[int], Field(description="torch's memory cap in the pod.")] = None
+
+
+class MemoryBreakdown(_Model):
+    model_config = ConfigDict(extra="allow")
+    weights_bytes: Annotated[Optional[int], Field(description="bf16 weights.")] = None
+    optimizer_states_bytes: Annotated[Optional[int], Field(description="Optimizer states, wherever they live.")
+                                      ] = None
+    activations_bytes: Annotated[Optional[int], Field(
+        description="A step's activations and working set (kept layers included).")] = None
+    gradients_bytes: Annotated[Optional[int], Field(description="Gradients held at once.")] = None
+    stream_buffers_bytes: Annotated[Optional[int], Field(description="Device copies of host-placed states.")
+                                    ] = None
+    outside_torch_bytes: Annotated[Optional[int], Field(description="CUDA context, kernels, workspaces.")] = None
+
+
+class PlannedChange(_Model):
+    model_config = ConfigDict(extra="allow")
+    field: Annotated[Optional[str], Field(description="The spec field.")] = None
+    value: Annotated[Optional[str], Field(description="Its value in the spec.")] = None
+    planned: Annotated[Optional[str], Field(description="What the run does instead of its literal meaning.")
+                       ] = None
+    reason: Annotated[Optional[str], Field(description="Why.")] = None
+
+
 class Estimate(_Model):
     model_config = ConfigDict(extra="allow")
-    gpu_memory_bytes: Annotated[Optional[int], Field(description="Estimated device memory of the run.")] = None
-    fits: Annotated[Optional[bool], Field(description="Whether the estimate fits resources.gpuMemoryGiB.")] = None
-    profile: Annotated[Optional[str], Field(description="Profile the run uses (auto resolved).")] = None
+    gpu_memory_bytes: Annotated[Optional[int], Field(
+        description="Predicted device peak (NVML: paged states included) of the planned run.")] = None
+    gpu_memory: Annotated[Optional[str], Field(description="gpuMemoryBytes, human-readable.")] = None
+    torch_reserved_bytes: Annotated[Optional[int], Field(description="Predicted torch reserved peak.")] = None
+    host_memory_bytes: Annotated[Optional[int], Field(
+        description="Predicted host memory of the trainer (pinned states, offloaded activations).")] = None
+    checkpoint_bytes: Annotated[Optional[int], Field(description="Size of one resumable checkpoint.")] = None
+    budget_bytes: Annotated[Optional[int], Field(description="The GPU memory budget planned against.")] = None
+    budget_source: Annotated[Optional[str], Field(
+        description="Where the budget came from (spec.resources.gpuMemoryGiB, spec.resources.gpuProduct).")
+    ] = None
+    fits: Annotated[Optional[bool], Field(
+        description="Whether the plan fits the budget (unset: no budget known before the pod runs).")] = None
+    profile: Annotated[Optional[str], Field(description="Profile the run uses.")] = None
+    plan: Annotated[Optional[PlannedLayout], Field(description="What the planner chose.")] = None
+    breakdown: Annotated[Optional[MemoryBreakdown], Field(description="The device peak, part by part.")] = None
+    tokens_per_second: Annotated[Optional[float], Field(
+        description="Predicted throughput on the budget's GPU class (the calibration GPU where unknown).")] = None
+    eta_seconds: Annotated[Optional[float], Field(
+        description="Predicted training time for maxSteps steps of full sequences (unset without maxSteps).")
+    ] = None
+    dollars: Annotated[Optional[float], Field(description="Predicted GPU cost of etaSeconds.")] = None
+    changes: Annotated[Optional[list[PlannedChange]], Field(
+        description="Spec fields the run honours differently from their literal meaning, and why.")] = None
+    shape: Annotated[Optional[str], Field(description="The model shape used, and where it came from.")] = None
+    message: Annotated[Optional[str], Field(description="Why it does not fit, or why it was deferred.")] = None
+    calibration: Annotated[Optional[str], Field(description="Version of the planner's calibration.")] = None
 
 
 class CheckpointStatus(_Model):

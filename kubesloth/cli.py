@@ -85,6 +85,39 @@ def cmd_nodeagent(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The memory plan of a FineTuneJob file and its price on every GPU class."""
+    import yaml
+    from pydantic import ValidationError
+
+    from kubesloth.api.v1alpha1 import FineTuneJob
+    from kubesloth.planner import ModelShape, ShapeError
+    from kubesloth.plan_report import report
+
+    try:
+        job = FineTuneJob.model_validate(yaml.safe_load(Path(args.file).read_text()))
+    except (OSError, yaml.YAMLError, ValidationError) as err:
+        print(f"kubesloth plan: {args.file}: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.model_config:
+            shape = ModelShape.from_file(Path(args.model_config))
+            note = f"{shape.model_type}, {shape.parameters / 1e9:.2f}B parameters ({args.model_config})"
+        else:
+            from kubesloth.operator.estimate import resolve_shape
+            from kubesloth.operator.settings import OperatorSettings
+
+            shape, note = resolve_shape(job.spec, OperatorSettings(hub_configs=not args.offline))
+    except ShapeError as err:
+        print(f"kubesloth plan: spec.model.source: {err}", file=sys.stderr)
+        return 2
+    if shape is None:
+        print(f"kubesloth plan: {note} (or pass --model-config PATH/config.json)", file=sys.stderr)
+        return 2
+    print(report(job.spec, shape, note))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubesloth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(docs/operator.md); other arguments are passed to `kopf run`.")
     operator.add_argument("kopf_args", nargs="*", help="kopf run options, e.g. --verbose (after --)")
     operator.set_defaults(func=cmd_operator)
+
+    plan = sub.add_parser("plan", help="the memory plan of a FineTuneJob and its price on every GPU class")
+    plan.add_argument("file", help="a FineTuneJob YAML")
+    plan.add_argument("--model-config", help="the model's config.json (default: spec.model.architecture, the "
+                                             "hub's config.json for hf://, or a known hub name)")
+    plan.add_argument("--offline", action="store_true", help="do not ask the hub for config.json")
+    plan.set_defaults(func=cmd_plan)
 
     dev = sub.add_parser("dev", help="the local control plane, node agent and demo")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)

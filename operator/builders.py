@@ -101,6 +101,9 @@ def termination_grace_seconds(spec: dict[str, Any], status: dict[str, Any] | Non
     """spec.terminationGracePeriodSeconds, else what covers the model's checkpoint write."""
     if spec.get("terminationGracePeriodSeconds"):
         return int(spec["terminationGracePeriodSeconds"])
+    planned = ((status or {}).get("estimate") or {}).get("checkpointBytes")
+    if isinstance(planned, int) and planned > 0:  # the memory planner's size of this run's checkpoint
+        return grace_seconds_for_checkpoint(planned)
     optimizer = (spec.get("training") or {}).get("optimizer") or "paged_adamw_8bit"
     return grace_seconds_for_checkpoint(checkpoint_bytes_for(model_parameters(spec, status), optimizer))
 
@@ -252,6 +255,10 @@ def _env(ftj: dict[str, Any], spec: dict[str, Any], settings: OperatorSettings) 
         {"name": Env.JOB_NAME.value, "value": meta["name"]},
         {"name": Env.NAMESPACE.value, "value": meta["namespace"]},
     ]
+    estimate = (ftj.get("status") or {}).get("estimate") or {}
+    if estimate.get("budgetSource") == "spec.resources.gpuProduct" and estimate.get("budgetBytes"):
+        # The budget the operator planned with came from its GPU table: the trainer plans with the same one.
+        env.append({"name": Env.GPU_BUDGET_BYTES.value, "value": str(int(estimate["budgetBytes"]))})
     token = spec["model"].get("tokenSecretRef")
     if token:
         env.append({"name": Env.HF_TOKEN.value,

@@ -7,6 +7,7 @@ acting at once, and the FineTuneJob is read fresh inside it (an event's body may
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,7 +22,10 @@ from pydantic import ValidationError
 from kubesloth.api import contract
 from kubesloth.api.v1alpha1 import FINISHED_PHASES, Phase
 
+from kubesloth.api.v1alpha1 import FineTuneJobSpec
+
 from . import builders, status as status_mod
+from .estimate import Estimate, estimate_for
 from .kube import KubeApi
 from .settings import OperatorSettings
 
@@ -34,6 +38,9 @@ Enricher = Callable[[dict, Optional[dict], list, dict], dict]
 Observer = Callable[[dict, Optional[dict], str, float], None]
 
 WARNING_PHASES = {Phase.Failed.value}
+TRANSIENT_HTTP = {409, 429, 500, 502, 503, 504}
+UNKNOWN_FIELDS = "UnknownFields"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 QUIET_PENDING_REASONS = {"Creating", "PodCreating", "PodStarting"}  # the normal way to Running
 
 
@@ -58,6 +65,10 @@ class Reconciler:
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # (namespace, name) -> (generation, failures, monotonic time of the next try) of refused child creations
+        self._backoff: dict[tuple[str, str], tuple[Any, int, float]] = {}
+        # (namespace, name) -> ((uid, generation), Estimate): the plan of the generation last seen
+        self._estimates: dict[tuple[str, str], tuple[tuple[Any, Any], Estimate]] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -72,6 +83,7 @@ class Reconciler:
                 ftj = self.api.get_ftj(namespace, name)
                 if ftj is None or ftj["metadata"].get("deletionTimestamp"):
                     result = "gone"
+                    self._estimates.pop((namespace, name), None)
                     return Outcome()
                 outcome = self._reconcile(ftj)
                 result = "requeue" if outcome.retry_after else "ok"
@@ -108,7 +120,11 @@ class Reconciler:
 
         # The spec the run started with is the one in its ConfigMap; later changes (other than the mutable fields)
         # are refused, and a Job recreated on resume uses the started spec.
-        started_spec = _spec_in(configmap)
+        # A ConfigMap whose run never started (its Job was refused, or suspended before a pod ran) records nothing:
+        # the live spec is used and the ConfigMap rewritten before the next Job.
+        run_started = job is not None or bool(old.get("startTime"))
+        started_spec = _spec_in(configmap) if run_started else None
+        self._report_dropped_fields(ftj, now)
         changed = status_mod.spec_changes(started_spec, live_spec)
         effective = dict(ftj)
         if started_spec is not None:
@@ -118,6 +134,11 @@ class Reconciler:
                 effective["spec"].pop(key, None)
 
         finished = old.get("phase") in FINISHED_PHASES or status_mod.job_finished(job)
+        # The memory plan, before anything is scheduled (operator/estimate.py): a spec that cannot fit its budget
+        # is refused with what would fit, and nothing is created. Planned once per generation.
+        planned = self._plan(ftj, live_spec) if not finished and not run_started else None
+        if planned is not None and planned.refusal:
+            return self._does_not_fit(ftj, now, planned)
         if not finished:
             if effective["spec"].get("suspend"):
                 if job is not None and not job["metadata"].get("deletionTimestamp"):
@@ -128,15 +149,14 @@ class Reconciler:
                 refusal = builders.image_refusal(effective["spec"], self.settings)
                 if refusal:
                     return self._blocked(ftj, now, "ImageNotAllowed", refusal)
-                if configmap is None:
-                    configmap = self._create(self.api.create_configmap, builders.build_configmap(ftj, self.settings),
-                                             self.api.get_configmap)
-                    outcome.actions.append("created ConfigMap")
                 # Counted on earlier Jobs of this run (suspend/resume, a recreate) carry over to the new one.
-                job = self._create(self.api.create_job, builders.build_job(
+                job_body = builders.build_job(
                     effective, self.settings, self.api.server_features(), int(old.get("interruptions") or 0),
-                    int(old.get("failures") or 0)), self.api.get_job)
-                outcome.actions.append("created Job")
+                    int(old.get("failures") or 0))
+                refused = self._create_children(ftj, effective, configmap, run_started, job_body, now, outcome)
+                if refused is not None:
+                    return refused
+                job = self.api.get_job(namespace, job_body["metadata"]["name"])
             elif job["metadata"].get("deletionTimestamp"):
                 # Resumed while the suspended Job's pod is still stopping: create the new Job once it is gone.
                 outcome.retry_after = 1.0
@@ -148,6 +168,8 @@ class Reconciler:
             pods = [p for p in pods if (p["metadata"].get("annotations") or {}).get(builders.ANNOTATION_FTJ) == name]
         live = {**ftj, "spec": effective["spec"]}
         new_status = status_mod.derive_status(live, job, pods, now, changed)
+        if planned is not None:
+            new_status.update(self._estimate_status(ftj, planned, new_status, now))
         for enrich in self.enrichers:
             try:
                 new_status = enrich(ftj, job, pods, new_status) or new_status
@@ -196,6 +218,47 @@ class Reconciler:
             self._expire(ftj, new_status, effective["spec"], now, outcome)
         return outcome
 
+    def _plan(self, ftj: dict[str, Any], live_spec: dict[str, Any]) -> Estimate:
+        """The planner's estimate of this generation (cached: hub reads and the search run once per change)."""
+        meta = ftj["metadata"]
+        key = (meta["namespace"], meta["name"])
+        stamp = (meta.get("uid"), meta.get("generation"))
+        cached = self._estimates.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        planned = estimate_for(FineTuneJobSpec.model_validate(live_spec), self.settings)
+        self._estimates[key] = (stamp, planned)
+        if planned.changes:
+            changed = "; ".join(f"{c['field']}={c['value']}: {c['planned']}" for c in planned.changes)
+            self.api.post_event(ftj, "Normal", "PlanChangedFields", f"the plan runs these fields differently: "
+                                                                    f"{changed} (status.estimate.changes says why)")
+        return planned
+
+    def _estimate_status(self, ftj: dict[str, Any], planned: Estimate, status: dict[str, Any], now: datetime
+                         ) -> dict[str, Any]:
+        estimate = {**(planned.status or {}), "generation": ftj["metadata"].get("generation")}
+        if planned.status is None:
+            estimate["message"] = planned.condition["message"]
+        conditions = status_mod.merge_conditions(status.get("conditions") or [], [planned.condition], now)
+        return {"estimate": estimate, "conditions": conditions}
+
+    def _does_not_fit(self, ftj: dict[str, Any], now: datetime, planned: Estimate) -> Outcome:
+        """Refused before scheduling: Fits=False (with what would fit), phase Pending, one Warning event, no
+        child. A changed spec (a new generation) is planned again."""
+        old = ftj.get("status") or {}
+        reason = planned.condition["reason"]
+        status = {"phase": Phase.Pending.value, "message": planned.refusal,
+                  "observedGeneration": ftj["metadata"].get("generation")}
+        status.update(self._estimate_status(ftj, planned, {"conditions": status_mod.merge_conditions(
+            old.get("conditions") or [], [{"type": "Running", "status": "False", "reason": reason,
+                                           "message": planned.refusal}], now)}, now))
+        if _differs(old, status):
+            self.api.patch_ftj_status(ftj["metadata"]["namespace"], ftj["metadata"]["name"], status)
+        if _condition_reason(old, "Fits") != reason or old.get("message") != planned.refusal:
+            self.api.post_event(ftj, "Warning", reason, planned.refusal)
+        ftj["status"] = {**old, **status}
+        return Outcome(phase=Phase.Pending.value)
+
     def _blocked(self, ftj: dict[str, Any], now: datetime, reason: str, message: str) -> Outcome:
         """Nothing can be created (a child name is taken, the spec is unusable): say so in status and once as a
         Warning event; the next reconcile after the cause is fixed proceeds."""
@@ -212,6 +275,93 @@ class Reconciler:
             self.api.post_event(ftj, "Warning", reason, message)
         ftj["status"] = {**old, **status}
         return Outcome(phase=Phase.Pending.value)
+
+    def _create_children(self, ftj: dict[str, Any], effective: dict[str, Any], configmap: dict[str, Any] | None,
+                         run_started: bool, job_body: dict[str, Any], now: datetime, outcome: Outcome) -> Outcome | None:
+        """Create the ConfigMap and the Job, or nothing: rules the schema cannot hold are checked first, then both
+        objects are created with dryRun=All (validation and admission, nothing stored), and only then for real.
+        A refusal is a condition with the API server's message and one Warning event; it is tried again with
+        backoff (10 s doubling to 10 min) while the spec is unchanged, at once after a change. Returns the
+        Outcome to end the reconcile with when refused, None when the Job exists."""
+        meta = ftj["metadata"]
+        key = (meta["namespace"], meta["name"])
+        refusal = operator_refusal(effective["spec"])
+        if refusal:
+            return self._blocked(ftj, now, "InvalidSpec", refusal)
+        pause = self._backoff.get(key)
+        if pause and pause[0] == meta.get("generation") and time.monotonic() < pause[2]:
+            return Outcome(phase=(ftj.get("status") or {}).get("phase"), retry_after=pause[2] - time.monotonic())
+        cm_body = builders.build_configmap(ftj, self.settings)
+        stale = configmap is not None and not run_started and (configmap.get("data") or {}) != cm_body["data"]
+        steps = []
+        if configmap is None:
+            steps.append(("ConfigMap", self.api.create_configmap, cm_body))
+        elif stale:  # the run never started: record the spec it starts with now
+            cm_body["metadata"]["resourceVersion"] = configmap["metadata"]["resourceVersion"]
+            steps.append(("ConfigMap", self.api.replace_configmap, cm_body))
+        steps.append(("Job", self.api.create_job, job_body))
+        try:
+            for dry_run in (True, False):
+                current = "Job"
+                for kind, call, body in steps:
+                    current = kind
+                    if dry_run:
+                        try:
+                            call(body, dry_run=True)
+                        except ApiException as err:
+                            if err.status != 409:  # 409: exists (an earlier attempt's answer was lost)
+                                raise
+                    elif call is self.api.create_job:
+                        self._create(call, body, self.api.get_job)
+                    elif call is self.api.create_configmap:
+                        self._create(call, body, self.api.get_configmap)
+                    else:
+                        call(body)
+                    if not dry_run:
+                        outcome.actions.append(f"{'replaced' if call is self.api.replace_configmap else 'created'} "
+                                               f"{kind}")
+        except ApiException as err:
+            if err.status in TRANSIENT_HTTP or err.status is None or err.status < 400:
+                raise  # the API server's trouble, not the object's: the handler's retry
+            failures = (pause[1] + 1) if pause and pause[0] == meta.get("generation") else 1
+            delay = min(10.0 * 2 ** (failures - 1), 600.0)
+            self._backoff[key] = (meta.get("generation"), failures, time.monotonic() + delay)
+            name = next(b["metadata"]["name"] for k, _, b in steps if k == current)
+            message = (f"{current} {name} refused by the API server ({err.status}): {_api_message(err)}; "
+                       f"nothing was created; trying again in {delay:.0f}s, or at once when the spec changes")
+            blocked = self._blocked(ftj, now, f"{current}Refused", message)
+            blocked.retry_after = delay
+            return blocked
+        self._backoff.pop(key, None)
+        return None
+
+    def _report_dropped_fields(self, ftj: dict[str, Any], now: datetime) -> None:
+        """Fields the API server dropped (unknown to the schema; v1.20 drops them silently): those in
+        `kubectl apply`'s last-applied-configuration the stored object lacks. Condition UnknownFields and one
+        Warning event when the list changes."""
+        dropped = dropped_fields(ftj)
+        old = ftj.get("status") or {}
+        before = next((c for c in old.get("conditions") or [] if c.get("type") == UNKNOWN_FIELDS), None)
+        if not dropped and (before is None or before.get("status") == "False"):
+            return
+        if dropped:
+            message = ("the API server dropped fields the FineTuneJob schema does not have, so they have no "
+                       f"effect: {', '.join(dropped)} (misspelled? see docs/api.md)")
+            cond = {"type": UNKNOWN_FIELDS, "status": "True", "reason": "FieldsDropped", "message": message}
+        else:
+            cond = {"type": UNKNOWN_FIELDS, "status": "False", "reason": "NoneDropped",
+                    "message": "every applied field is in the schema"}
+        if before and before.get("status") == cond["status"] and before.get("message") == cond["message"]:
+            return
+        conditions = status_mod.merge_conditions(old.get("conditions") or [], [cond], now)
+        # merge_conditions puts the new one first and keeps the others: keep the original order instead.
+        order = [c.get("type") for c in old.get("conditions") or []]
+        conditions.sort(key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))
+        self.api.patch_ftj_status(ftj["metadata"]["namespace"], ftj["metadata"]["name"],
+                                  {"conditions": conditions})
+        ftj["status"] = {**old, "conditions": conditions}
+        if dropped:
+            self.api.post_event(ftj, "Warning", "UnknownFields", cond["message"])
 
     def _expire(self, ftj: dict[str, Any], status: dict[str, Any], spec: dict[str, Any], now: datetime,
                 outcome: Outcome) -> None:
@@ -242,6 +392,52 @@ class Reconciler:
             if existing is None:
                 raise
             return existing
+
+
+def operator_refusal(spec: dict[str, Any]) -> str | None:
+    """What the schema cannot refuse at the door but the operator must, naming the field; None if nothing."""
+    destination = (spec.get("output") or {}).get("destination") or ""
+    if destination.startswith("file://"):
+        return (f"spec.output.destination: {destination!r} is not on a volume in the trainer pod (only pvc:// "
+                "claims are mounted; /tmp is an emptyDir): the model would be lost with the pod. Use "
+                "pvc://CLAIM/path")
+    return None
+
+
+def dropped_fields(ftj: dict[str, Any]) -> list[str]:
+    """Paths in the last-applied-configuration annotation (kubectl apply) missing from the stored object."""
+    text = ((ftj.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
+    if not text:
+        return []
+    try:
+        applied = json.loads(text)
+    except ValueError:
+        return []
+    found: list[str] = []
+
+    def walk(sent: Any, stored: Any, path: str) -> None:
+        if isinstance(sent, dict) and isinstance(stored, dict):
+            for key, value in sent.items():
+                if value is None:
+                    continue
+                if key not in stored:
+                    found.append(f"{path}.{key}" if path else key)
+                else:
+                    walk(value, stored[key], f"{path}.{key}" if path else key)
+        elif isinstance(sent, list) and isinstance(stored, list) and len(sent) == len(stored):
+            for index, (a, b) in enumerate(zip(sent, stored)):
+                walk(a, b, f"{path}[{index}]")
+
+    walk({k: v for k, v in applied.items() if k not in ("apiVersion", "kind", "metadata", "status")},
+         {k: v for k, v in ftj.items() if k not in ("apiVersion", "kind", "metadata", "status")}, "")
+    return found
+
+
+def _api_message(err: ApiException) -> str:
+    try:
+        return str(json.loads(err.body).get("message") or err.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(err.body or err.reason)
 
 
 def _owned_by(obj: dict[str, Any], ftj: dict[str, Any]) -> bool:

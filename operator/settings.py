@@ -91,6 +91,14 @@ class OperatorSettings:
     # Bounded retries of the FineTuneJob handlers, with backoff.
     handler_retries: int = 8
     handler_backoff_seconds: float = 2.0
+    # Where the operator can read pvc://CLAIM/path models (VOLUME_ROOT/CLAIM/path) and file:// paths for the
+    # memory planner: the local control plane only (one machine); unset on a real cluster.
+    volume_root: str | None = None
+    # Read config.json of hf:// models through the hub client before scheduling (false: known shapes only).
+    hub_configs: bool = True
+    # GPU product -> memory GiB (the chart's gpuMemoryGiB) and -> $/hour (gpuPrices), for budgets and estimates.
+    gpu_memory: Mapping[str, float] = field(default_factory=dict)
+    gpu_prices: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorSettings":
@@ -176,6 +184,17 @@ class OperatorSettings:
             values["handler_retries"] = number("HANDLER_RETRIES", int, 0)
         if get("HANDLER_BACKOFF_SECONDS"):
             values["handler_backoff_seconds"] = number("HANDLER_BACKOFF_SECONDS", float, 0.1)
+        if get("VOLUME_ROOT"):
+            values["volume_root"] = get("VOLUME_ROOT")
+        if get("HUB_CONFIGS"):
+            values["hub_configs"] = get("HUB_CONFIGS").lower() not in ("0", "false", "no")
+        for name, key in (("GPU_MEMORY", "gpu_memory"), ("GPU_PRICES", "gpu_prices")):
+            if get(name):
+                table = json_value(name, dict)
+                try:
+                    values[key] = {str(k): float(v) for k, v in table.items() if v is not None}
+                except (TypeError, ValueError):
+                    raise SettingsError(f"{ENV_PREFIX}{name}: expected a JSON object of numbers") from None
         return cls(**values)
 
     def image_allowed(self, image: str | None) -> bool:

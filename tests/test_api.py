@@ -23,10 +23,10 @@ def test_minimal_spec_gets_the_contract_defaults():
     spec = FineTuneJobSpec.model_validate(MINIMAL)
     assert spec.model.max_seq_length == 2048
     assert spec.training.profile == "auto"
-    assert spec.training.optimizer == "paged_adamw_8bit"
-    assert spec.training.gradient_checkpointing == "unsloth"
+    # Left to the planner (auto/lean/fast) or the custom defaults: unset, so a set value is always the user's.
+    assert spec.training.optimizer is None and spec.training.gradient_checkpointing is None
+    assert spec.training.per_device_batch_size is None and spec.training.gradient_accumulation_steps is None
     assert spec.training.learning_rate == 2.0e-5
-    assert spec.training.gradient_accumulation_steps == 4
     assert spec.training.seed == 3407
     assert spec.output.checkpoint_every_steps == 200
     assert spec.backoff_limit == 2
@@ -37,8 +37,8 @@ def test_minimal_spec_gets_the_contract_defaults():
 def test_wire_form_uses_contract_names():
     wire = FineTuneJobSpec.model_validate(MINIMAL).to_wire()
     assert wire["model"]["maxSeqLength"] == 2048
-    assert wire["training"]["perDeviceBatchSize"] == 1
-    assert wire["training"]["gradientCheckpointing"] == "unsloth"
+    assert "perDeviceBatchSize" not in wire["training"] and "gradientCheckpointing" not in wire["training"]
+    assert wire["training"]["learningRate"] == 2.0e-5
     assert "tokenSecretRef" not in wire["model"]  # unset optionals stay out
     assert FineTuneJobSpec.model_validate(wire) == FineTuneJobSpec.model_validate(MINIMAL)
 

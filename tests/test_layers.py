@@ -18,6 +18,9 @@ FORBIDDEN = {
     "operator": {"kubesloth.trainer", "torch", "transformers", "trl", "datasets", "unsloth", "accelerate"},
     "trainer": {"kubesloth.operator", "kubesloth.local", "kopf", "kubernetes"},
     "kubesloth": {"torch", "transformers", "trl", "datasets", "unsloth", "kubesloth.trainer"},
+    # The memory planner is pure arithmetic shared by the operator, the trainer and the CLI.
+    "planner": {"kubesloth.operator", "kubesloth.trainer", "kubesloth.local", "kopf", "kubernetes", "torch",
+                "transformers", "trl", "datasets", "unsloth", "prometheus_client", "huggingface_hub"},
 }
 # The API may import nothing but the standard library, pydantic and itself (yaml only in the CRD generator).
 API_ALLOWED_THIRD_PARTY = {"pydantic", "yaml"}
@@ -54,6 +57,14 @@ def test_api_imports_only_stdlib_and_pydantic():
             top = name.split(".")[0]
             assert (top in sys.stdlib_module_names or top in API_ALLOWED_THIRD_PARTY
                     or name.startswith("kubesloth.api")), f"{path.name} imports {name}"
+
+
+def test_planner_imports_only_stdlib_and_the_api():
+    for path in sorted((ROOT / "planner").rglob("*.py")):
+        for name in imports_of(path):
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or name.startswith(("kubesloth.api", "kubesloth.planner")), \
+                f"{path.name} imports {name}"
 
 
 def test_checker_sees_a_forbidden_import(tmp_path):

@@ -7,6 +7,7 @@ imported, so bad input exits with its code within a second or two; then setup ->
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -19,7 +20,8 @@ from typing import Optional
 from kubesloth.api import contract
 from kubesloth.api.contract import EXIT_REASONS, TERMINATION_LOG, Env, ExitCode
 from kubesloth.trainer.config import config_path, load_job
-from kubesloth.trainer.errors import BadConfig, Interrupted, OutOfMemory, OutputUnwritable, TrainerFailure
+from kubesloth.trainer.errors import (BadConfig, Interrupted, OutOfMemory, OutputUnwritable, SourceNotFound,
+                                      TrainerFailure)
 
 MAX_MESSAGE_BYTES = 1000
 # A failed write with less free space than this at the destination is reported as a full disk.
@@ -85,10 +87,41 @@ def metrics_port_ok() -> None:
         raise BadConfig(f"{Env.METRICS_PORT.value}={value!r} is not a port number (0 turns metrics off)")
 
 
+def model_shape(model_path: Path, profile: str):
+    """The model's shape from its config.json, for the planner. auto/lean/fast need it (the plan decides the
+    layout); custom runs as given and only loses the estimate."""
+    from kubesloth.planner import ModelShape, ShapeError
+
+    try:
+        return ModelShape.from_file(model_path / "config.json")
+    except ShapeError as err:
+        if profile == "custom":
+            log(f"no memory plan: {err}")
+            return None
+        if not (model_path / "config.json").is_file():
+            raise SourceNotFound(f"spec.model.source: {err}") from None
+        raise BadConfig(f"spec.model.source: {err}; profile {profile} plans the run from the model's shape "
+                        "(use profile custom to run it without a plan)") from None
+
+
+def operator_budget() -> Optional[int]:
+    """The budget the operator planned with when it came from its GPU table (resources.gpuProduct)."""
+    raw = os.environ.get(Env.GPU_BUDGET_BYTES.value)
+    return int(raw) if raw and raw.isdigit() else None
+
+
+def card_free_bytes() -> Optional[int]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info()[0])
+
+
 def run(config: Optional[str], stop: threading.Event) -> str:
     """Returns the success message; raises TrainerFailure (or anything) on failure."""
     from kubesloth.trainer.engines import choose_engine, requested_engine, runs_on_gpu
-    from kubesloth.trainer.profiles import resolve_hyperparameters, resolve_profile
+    from kubesloth.trainer.profiles import resolve_run
     from kubesloth.trainer.save import check_writable, weights_bytes
     from kubesloth.trainer.sources import resolve_dataset, resolve_destination, resolve_model
 
@@ -108,9 +141,20 @@ def run(config: Optional[str], stop: threading.Event) -> str:
     if stop.is_set():
         raise Interrupted("stopped before training started; nothing new to checkpoint; resumable")
 
-    gpu_profile = resolve_profile(str(spec.training.profile), spec.resources.gpu_memory_gi_b, on_gpu=True)
-    engine_name = choose_engine(requested, profile=gpu_profile)
-    hp = resolve_hyperparameters(spec, on_gpu=runs_on_gpu(engine_name))
+    engine_name = choose_engine(requested, profile=str(spec.training.profile))
+    on_gpu = runs_on_gpu(engine_name)
+    shape = model_shape(model_path, str(spec.training.profile))
+    run = resolve_run(spec, shape, engine_name, on_gpu, budget_bytes=operator_budget(),
+                      card_free_bytes=card_free_bytes() if on_gpu else None)
+    hp, plan = run.hp, run.plan
+    if plan is not None:
+        log(f"plan {json.dumps(plan.summary(), sort_keys=True)}")
+        log(f"plan: {plan.describe()}")
+        for change in plan.changes:
+            log(f"plan: {change.field}={change.value}: {change.planned} ({change.reason})")
+        if plan.fits is False and on_gpu:
+            raise BadConfig(f"{plan.reason_field}: the run does not fit: {plan.reason}; "
+                            + "; or ".join(s.message for s in plan.suggestions))
     for note in hp.notes:
         log(note)
     log(f"engine {engine_name}; profile {hp.profile}: batch {hp.per_device_batch_size} x accumulation "
@@ -118,9 +162,9 @@ def run(config: Optional[str], stop: threading.Event) -> str:
         f"lr {hp.learning_rate:g} ({hp.lr_scheduler}, warm-up {hp.warmup_ratio:g}), "
         f"maxSeqLength {hp.max_seq_length}, packing {hp.packing}")
 
-    from kubesloth.trainer.recipe import Recipe, leaner_suggestion
+    from kubesloth.trainer.recipe import Recipe, out_of_memory_advice
 
-    recipe = Recipe(job, hp, engine_name, model_path, dataset_files, destination, stop, log)
+    recipe = Recipe(job, hp, engine_name, model_path, dataset_files, destination, stop, log, plan=plan)
     try:
         try:
             recipe.setup()
@@ -136,7 +180,7 @@ def run(config: Optional[str], stop: threading.Event) -> str:
             if is_out_of_memory(exc):
                 step = recipe.run_state.step
                 raise OutOfMemory(f"out of memory at step {step + 1} ({type(exc).__name__}); "
-                                  f"{recipe.memory_peaks()}; {leaner_suggestion(hp)}") from exc
+                                  f"{recipe.memory_peaks()}; {out_of_memory_advice(plan)}") from exc
             full = disk_full(exc, destination)
             if full:
                 raise OutputUnwritable(f"spec.output.destination: {full} while writing under {destination} "

@@ -15,6 +15,7 @@ from kubesloth.trainer.engines import create_engine
 from kubesloth.trainer.engines.base import RunContext, TrainResult
 from kubesloth.trainer.memory import DeviceMonitor, snapshot
 from kubesloth.trainer.metrics import TrainingMetrics, metrics_from_env
+from kubesloth.planner import Plan
 from kubesloth.trainer.profiles import Hyperparameters
 from kubesloth.trainer.save import SavedModel, save_final_model, write_summary
 
@@ -37,28 +38,32 @@ class RunState(Callback):
         self.step, self.last_checkpoint = max(self.step, step), path
 
 
-def leaner_suggestion(hp: Hyperparameters) -> str:
-    """What to change after an out-of-memory, most effective first."""
-    ideas = []
-    if hp.profile != "lean":
-        ideas.append("training.profile: lean (8-bit AdamW stepped inside backward, offloaded checkpointing)")
-    if hp.per_device_batch_size > 1:
-        ideas.append(f"training.perDeviceBatchSize: {max(hp.per_device_batch_size // 2, 1)} with "
-                     f"gradientAccumulationSteps: {hp.gradient_accumulation_steps * 2} (same effective batch)")
-    if hp.gradient_checkpointing == "false":
-        ideas.append('training.gradientCheckpointing: "unsloth"')
-    if hp.max_seq_length > 1024:
-        ideas.append(f"model.maxSeqLength: {hp.max_seq_length // 2}")
-    if not ideas:
-        ideas.append("a GPU with more memory (resources.gpuProduct / gpuMemoryGiB)")
-    return "try " + "; or ".join(ideas)
+def out_of_memory_advice(plan: Optional[Plan]) -> str:
+    """What to change after an out-of-memory: the planner's own suggestions for the same request with less room
+    (the budget less 15 %: what the run needed beyond the plan), so each is a change it will honour."""
+    if plan is None or not plan.request.budget_bytes:
+        return ("set spec.resources.gpuMemoryGiB so the memory planner can fit the run "
+                "(`kubesloth plan FILE` shows what fits)")
+    from dataclasses import replace
+
+    from kubesloth.planner.fit import plan as make_plan
+
+    tighter = make_plan(replace(plan.request, budget_bytes=int(plan.request.budget_bytes * 0.85)))
+    ideas = [s.message for s in tighter.suggestions if s.field != "spec.resources.gpuMemoryGiB"]
+    bigger = [s for s in tighter.suggestions if s.field == "spec.resources.gpuMemoryGiB"]
+    if bigger:
+        ideas.append(f"a GPU budget of {round(bigger[0].value / 0.85)} GiB")
+    if tighter.fits:
+        ideas.insert(0, f"the plan for 85 % of the budget ({tighter.describe()}): set "
+                        f"spec.resources.gpuMemoryGiB: {plan.request.budget_bytes * 0.85 / 2**30:.0f}")
+    return "the planner suggests: " + "; or ".join(ideas) if ideas else "no smaller plan fits this model"
 
 
 class Recipe:
     def __init__(self, job: FineTuneJob, hp: Hyperparameters, engine_name: str, model_path: Path,
                  dataset_files: list[Path], destination: Path, stop: threading.Event,
-                 log: Callable[[str], None]):
-        self.job, self.hp, self.engine_name = job, hp, engine_name
+                 log: Callable[[str], None], plan: Optional[Plan] = None):
+        self.job, self.hp, self.engine_name, self.plan = job, hp, engine_name, plan
         self.model_path, self.dataset_files, self.destination = model_path, dataset_files, destination
         self.stop, self.log = stop, log
         self.run_state = RunState()
@@ -85,7 +90,7 @@ class Recipe:
                               dataset_files=self.dataset_files, destination=self.destination,
                               checkpoints=checkpoints, resume_from=resume_from, callbacks=callbacks,
                               stop=self.stop, monitor=self.monitor,
-                              checkpoint_every=spec.output.checkpoint_every_steps, log=self.log)
+                              checkpoint_every=spec.output.checkpoint_every_steps, log=self.log, plan=self.plan)
         self.engine = create_engine(self.engine_name)
         self.engine.setup(self.ctx)
 
@@ -137,6 +142,7 @@ class Recipe:
             "model": {"path": str(saved.path), "files": saved.files, "bytes": saved.bytes,
                       "tensors_checked": saved.tensors_checked, "max_logit_diff": saved.max_logit_diff},
             "hyperparameters": self.hp.as_dict(),
+            "plan": self.plan.summary() if self.plan is not None else None,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 

@@ -134,7 +134,9 @@ def run_demo(state_dir: Path, example: Path, timeout: float = 600.0, keep: bool 
         env = cluster.env()
         background.start("nodeagent", [sys.executable, "-m", "kubesloth.cli", "dev", "nodeagent",
                                        "--work-dir", str(root / "nodeagent"), "--volumes-root", str(volumes)], env)
-        background.start("operator", [sys.executable, "-m", "kubesloth.cli", "operator"], env)
+        # One machine: the operator reads models where the node agent mounts them (the planner's config.json).
+        background.start("operator", [sys.executable, "-m", "kubesloth.cli", "operator"],
+                         {**env, "KUBESLOTH_OPERATOR_VOLUME_ROOT": str(volumes)})
         say(f"operator and node agent started (logs in {background.logs})")
         # A rerun starts from scratch: the old FineTuneJob goes first, its Job and ConfigMap before it (foreground),
         # so the new one does not find their names taken.

@@ -78,7 +78,11 @@ class Stack:
 
     def start_operator(self) -> Process:
         env = {**self.cluster.env(), "KUBESLOTH_OPERATOR_RESYNC_SECONDS": "2",
-               "KUBESLOTH_OPERATOR_PROMETHEUS_PORT": "0", **self.operator_env}
+               "KUBESLOTH_OPERATOR_PROMETHEUS_PORT": "0",
+               # No hub from here. Tests of the planner before scheduling add KUBESLOTH_OPERATOR_VOLUME_ROOT (the
+               # operator then reads pvc:// models where the node agent mounts them).
+               "KUBESLOTH_OPERATOR_HUB_CONFIGS": "false",
+               **self.operator_env}
         self.operator = Process([PYTHON, "-m", "kubesloth.cli", "operator", "--verbose"], env,
                                 self.work / "logs" / "operator.log").start()
         return self.operator

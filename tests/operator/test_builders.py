@@ -146,7 +146,8 @@ def test_configmap_holds_the_wire_form_with_identity_and_defaults(settings):
     assert config["apiVersion"] == "kubesloth.io/v1alpha1" and config["kind"] == "FineTuneJob"
     assert config["metadata"] == {"name": "llama-alpaca", "namespace": "ml", "uid": "0000-uid-1", "generation": 3}
     assert config["spec"]["training"]["learningRate"] == 1e-5
-    assert config["spec"]["training"]["optimizer"] == "paged_adamw_8bit"  # the default, written out
+    assert config["spec"]["training"]["maxGradNorm"] == 1.0  # a default, written out
+    assert "optimizer" not in config["spec"]["training"]  # unset: the planner's to choose, left out
     assert config["spec"]["output"]["checkpointEverySteps"] == 25
     assert "status" not in config
 

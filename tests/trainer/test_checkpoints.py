@@ -79,11 +79,15 @@ def test_regrouped_optimizer_state_loads_by_parameter_name():
     assert state is None and "optimizer changed from AdamW to SGD" in note
 
 
-def test_out_of_memory_classified_with_a_leaner_suggestion():
+def test_out_of_memory_advice_is_the_planners_and_each_change_fits():
+    from dataclasses import replace
+
     from kubesloth.api.v1alpha1 import FineTuneJobSpec
+    from kubesloth.planner import GIB, KNOWN_SHAPES
+    from kubesloth.planner.fit import plan as make_plan
     from kubesloth.trainer.main import is_out_of_memory
-    from kubesloth.trainer.profiles import resolve_hyperparameters
-    from kubesloth.trainer.recipe import leaner_suggestion
+    from kubesloth.trainer.profiles import resolve_run
+    from kubesloth.trainer.recipe import out_of_memory_advice
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
@@ -91,14 +95,32 @@ def test_out_of_memory_classified_with_a_leaner_suggestion():
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     spec = FineTuneJobSpec.model_validate({
-        "model": {"source": "file:///m", "maxSeqLength": 4096}, "dataset": {"source": "file:///d.jsonl"},
-        "output": {"destination": "file:///o"},
-        "training": {"profile": "custom", "perDeviceBatchSize": 8, "gradientAccumulationSteps": 1,
-                     "gradientCheckpointing": "false"}})
-    advice = leaner_suggestion(resolve_hyperparameters(spec, on_gpu=True))
-    for part in ("profile: lean", "perDeviceBatchSize: 4 with gradientAccumulationSteps: 2",
-                 'gradientCheckpointing: "unsloth"', "maxSeqLength: 2048"):
-        assert part in advice
+        "model": {"source": "file:///m", "maxSeqLength": 16384}, "dataset": {"source": "file:///d.jsonl"},
+        "output": {"destination": "file:///o"}, "resources": {"gpuMemoryGiB": 24},
+        "training": {}})
+    run = resolve_run(spec, KNOWN_SHAPES["llama-3.1-8b"], "fused", on_gpu=True)
+    assert run.plan.fits
+    advice = out_of_memory_advice(run.plan)
+    # Nothing of this model fits 85 % of 24 GiB: a bigger budget is the one honest change.
+    assert advice == "the planner suggests: a GPU budget of 28 GiB"
+    roomy = resolve_run(spec.model_copy(update={"resources": spec.resources.model_copy(
+        update={"gpu_memory_gi_b": 48})}), KNOWN_SHAPES["llama-3.1-8b"], "fused", on_gpu=True)
+    assert "the plan for 85 % of the budget" in out_of_memory_advice(roomy.plan)
+    assert "gpuMemoryGiB: 41" in out_of_memory_advice(roomy.plan)
+    # Every suggestion is a change the planner honours: planning with it fits 85 % of the budget.
+    tighter = replace(run.plan.request, budget_bytes=int(24 * GIB * 0.85))
+    suggested = make_plan(tighter).suggestions
+    assert suggested
+    for suggestion in suggested:
+        if suggestion.field == "spec.model.maxSeqLength":
+            batch = {"per_device_batch_size": 1} if "perDeviceBatchSize: 1" in suggestion.message else {}
+            assert make_plan(replace(tighter, seq_len=suggestion.value, **batch)).fits
+        elif suggestion.field == "spec.training.perDeviceBatchSize":
+            assert make_plan(replace(tighter, per_device_batch_size=suggestion.value,
+                                     gradient_accumulation_steps=1)).fits
+        elif suggestion.field == "spec.resources.gpuMemoryGiB":
+            assert make_plan(replace(tighter, budget_bytes=suggestion.value * GIB)).fits
+    assert "training.profile: lean" not in advice  # the old advice the product ignored
 
 
 def test_messages_are_one_line_short_and_token_free(monkeypatch):

@@ -279,56 +279,14 @@ def test_entry_point_refuses_a_checkpoint_of_another_engine(tiny_model_dir, tmp_
     assert "not written by the fused engine" in log
 
 
-# --- the plan: pure decisions, with the 8B figures measured on the H200 (docs/benchmarks.md) --------------------
-
-from kubesloth.trainer.engines.fused import (  # noqa: E402
-    DeviceMemory,
-    choose_placement,
-    layer_activation_bytes,
-    layers_without_checkpointing,
-)
-from kubesloth.trainer.errors import BadConfig  # noqa: E402
-
-GIB = 2**30
-WEIGHTS_8B = int(15.0 * GIB)  # torch reserved after Unsloth loaded the 8B model
-STATES_8B = int(15.2 * GIB)  # AdamW8bit states of 8.03e9 parameters (eight_bit_state_bytes)
-
-
-def test_paged_states_when_they_fit_and_host_states_under_a_24_gib_budget():
-    card = DeviceMemory(reserved=WEIGHTS_8B, free=int(124 * GIB))
-    assert choose_placement("paged", STATES_8B, card) == ("paged", None)
-    small = DeviceMemory(reserved=WEIGHTS_8B, free=int(124 * GIB), budget=int(21.88 * GIB))
-    placement, note = choose_placement("paged", STATES_8B, small)
-    assert placement == "host" and "pinned host memory" in note
-    # Never more managed memory than the card has free, whatever the budget says.
-    nearly_full = DeviceMemory(reserved=WEIGHTS_8B, free=int(18 * GIB), budget=int(80 * GIB))
-    assert choose_placement("paged", STATES_8B, nearly_full)[0] == "host"
-
-
-def test_fp32_states_that_do_not_fit_are_a_clear_error():
-    with pytest.raises(BadConfig, match="spec.training.optimizer.*adamw_8bit"):
-        choose_placement("torch", 8 * 8_030_000_000, DeviceMemory(reserved=WEIGHTS_8B, free=int(124 * GIB),
-                                                                  budget=int(78 * GIB)))
-
-
-def test_fast_keeps_as_many_layers_as_the_budget_holds():
-    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                                      num_key_value_heads=8, num_hidden_layers=32)
-    per_layer = layer_activation_bytes(config, 8 * 2048)
-    assert per_layer / GIB == pytest.approx(2.25, abs=0.01)  # measured on the H200: 2.19 GiB
-    budget_80 = DeviceMemory(reserved=WEIGHTS_8B, free=int(124 * GIB), budget=int(77.88 * GIB))
-    count, note = layers_without_checkpointing(per_layer, 32, STATES_8B, budget_80)
-    assert count == 18 and "18/32" in note  # the run measured at 71.7 GiB torch / 73.1 GiB device
-    whole_card = DeviceMemory(reserved=WEIGHTS_8B, free=int(124 * GIB))
-    assert layers_without_checkpointing(per_layer, 32, STATES_8B, whole_card)[0] == 32
-    tight = DeviceMemory(reserved=WEIGHTS_8B, free=int(124 * GIB), budget=int(30 * GIB))
-    assert layers_without_checkpointing(per_layer, 32, STATES_8B, tight)[0] == 0
+# The layout decisions (placement, layers kept, sequences per step) are the planner's: tests/planner/.
 
 
 def test_auto_runs_lean_and_fast_on_the_fused_engine_only_on_a_gpu():
     from kubesloth.trainer.engines import choose_engine, runs_on_gpu
 
     gpu, cpu = (lambda: True), (lambda: False)
+    assert choose_engine("auto", gpu, profile="auto") == "fused"
     assert choose_engine("auto", gpu, profile="lean") == "fused"
     assert choose_engine("auto", gpu, profile="fast") == "fused"
     assert choose_engine("auto", gpu, profile="custom") == "unsloth"

@@ -1,77 +1,79 @@
-"""Profile resolution is a pure function of the spec and the device."""
+"""Decide once: the spec + shape + budget + device -> one Run (plan and hyperparameters), a pure function."""
 
 from __future__ import annotations
 
 import pytest
 
 from kubesloth.api.v1alpha1 import FineTuneJobSpec
-from kubesloth.trainer.profiles import AUTO_LEAN_BELOW_GIB, PRESETS, resolve_hyperparameters, resolve_profile
+from kubesloth.planner import GIB, KNOWN_SHAPES
+from kubesloth.trainer.profiles import CUSTOM_DEFAULTS, hyperparameters, resolve_run
+
+LLAMA_8B = KNOWN_SHAPES["llama-3.1-8b"]
 
 
-def spec(training=None, resources=None) -> FineTuneJobSpec:
+def spec(training=None, resources=None, seq=2048) -> FineTuneJobSpec:
     return FineTuneJobSpec.model_validate({
-        "model": {"source": "file:///m"}, "dataset": {"source": "file:///d.jsonl"},
+        "model": {"source": "file:///m", "maxSeqLength": seq}, "dataset": {"source": "file:///d.jsonl"},
         "output": {"destination": "file:///o"}, "training": training or {}, "resources": resources or {}})
 
 
-@pytest.mark.parametrize("requested,gib,on_gpu,expected", [
-    ("auto", 48, True, "lean"),
-    ("auto", AUTO_LEAN_BELOW_GIB - 0.5, True, "lean"),
-    ("auto", AUTO_LEAN_BELOW_GIB, True, "fast"),
-    ("auto", 141, True, "fast"),
-    ("auto", None, True, "fast"),
-    ("auto", 24, False, "custom"),
-    ("lean", 141, True, "lean"),
-    ("fast", 24, True, "fast"),
-    ("custom", None, True, "custom"),
-])
-def test_resolve_profile(requested, gib, on_gpu, expected):
-    assert resolve_profile(requested, gib, on_gpu) == expected
+def test_the_engine_trains_the_plans_layout():
+    run = resolve_run(spec({"learningRate": 1e-4, "maxSteps": 7}, {"gpuMemoryGiB": 24}, seq=8192), LLAMA_8B,
+                      "fused", on_gpu=True)
+    layout = run.plan.layout
+    assert (layout.placement, layout.sequences_per_step) == ("host", 2)
+    hp = run.hp
+    assert (hp.per_device_batch_size, hp.gradient_accumulation_steps, hp.optimizer) == (2, 1, "adamw_8bit")
+    assert hp.learning_rate == 1e-4 and hp.max_steps == 7 and hp.profile == "auto"
 
 
-def test_lean_preset_on_gpu_and_spec_fields_kept_elsewhere():
-    hp = resolve_hyperparameters(spec({"profile": "lean", "learningRate": 1e-4, "maxSteps": 7}), on_gpu=True)
-    lean = PRESETS["lean"]
-    assert (hp.optimizer, hp.gradient_checkpointing, hp.per_device_batch_size, hp.gradient_accumulation_steps) == (
-        lean["optimizer"], lean["gradient_checkpointing"], lean["per_device_batch_size"],
-        lean["gradient_accumulation_steps"])
-    assert hp.learning_rate == 1e-4 and hp.max_steps == 7 and hp.profile == "lean"
+def test_a_set_batch_is_kept_as_sequences_per_step():
+    run = resolve_run(spec({"profile": "lean", "perDeviceBatchSize": 2, "gradientAccumulationSteps": 3},
+                           {"gpuMemoryGiB": 80}), LLAMA_8B, "fused", on_gpu=True)
+    assert run.plan.layout.sequences_per_step == 6 and run.hp.per_device_batch_size == 6
+    assert [c.field for c in run.plan.changes if "Accumulation" in c.field] == \
+        ["spec.training.gradientAccumulationSteps"]
 
 
-def test_fast_preset_overrides_explicit_fields_and_says_so():
-    fast = PRESETS["fast"]
-    explicit = fast["per_device_batch_size"] + 1
-    hp = resolve_hyperparameters(spec({"profile": "fast", "perDeviceBatchSize": explicit}), on_gpu=True)
-    assert hp.per_device_batch_size == fast["per_device_batch_size"]
-    assert hp.optimizer == fast["optimizer"] and hp.gradient_checkpointing == fast["gradient_checkpointing"]
-    assert any(f"perDeviceBatchSize={fast['per_device_batch_size']}" in note and f"spec's {explicit}" in note
-               and "custom" in note for note in hp.notes)
-
-
-def test_custom_takes_fields_as_given():
+def test_custom_takes_fields_as_given_and_defaults_the_rest():
     fields = {"profile": "custom", "perDeviceBatchSize": 3, "gradientAccumulationSteps": 5,
               "optimizer": "adafactor", "gradientCheckpointing": "false", "lrScheduler": "cosine",
               "warmupRatio": 0.2, "weightDecay": 0.1, "maxGradNorm": 0.5, "epochs": 2, "seed": 1, "loggingSteps": 3}
-    hp = resolve_hyperparameters(spec(fields), on_gpu=True)
+    hp = resolve_run(spec(fields), LLAMA_8B, "unsloth", on_gpu=True).hp
     assert (hp.per_device_batch_size, hp.gradient_accumulation_steps, hp.optimizer, hp.gradient_checkpointing,
             hp.lr_scheduler, hp.warmup_ratio, hp.weight_decay, hp.max_grad_norm, hp.epochs, hp.seed,
             hp.logging_steps) == (3, 5, "adafactor", "false", "cosine", 0.2, 0.1, 0.5, 2, 1, 3)
     assert hp.notes == ()
+    defaults = hyperparameters(spec({"profile": "custom"}), None, on_gpu=True)
+    assert (defaults.per_device_batch_size, defaults.gradient_accumulation_steps, defaults.optimizer,
+            defaults.gradient_checkpointing) == tuple(CUSTOM_DEFAULTS.values())
 
 
 def test_cpu_maps_gpu_only_choices_with_a_note():
-    hp = resolve_hyperparameters(spec({"profile": "lean"}), on_gpu=False)
-    assert PRESETS["lean"]["optimizer"] == "paged_adamw_8bit"
+    hp = resolve_run(spec({"profile": "lean"}), LLAMA_8B, "cpu", on_gpu=False).hp
     assert hp.optimizer == "adamw_torch" and hp.gradient_checkpointing == "true"
-    assert any("paged_adamw_8bit needs a GPU" in note for note in hp.notes)
-    # The defaults (paged 8-bit, unsloth checkpointing) under auto on CPU: custom, mapped the same way.
-    hp = resolve_hyperparameters(spec(), on_gpu=False)
-    assert hp.profile == "custom" and hp.optimizer == "adamw_torch" and hp.gradient_checkpointing == "true"
-    assert resolve_hyperparameters(spec({"optimizer": "adamw_torch_fused"}), on_gpu=False).optimizer == \
-        "adamw_torch_fused"
+    # No budget here: lean's leanest layout (host-placed 8-bit states), mapped to torch AdamW on CPU.
+    assert any("adamw_8bit needs a GPU (bitsandbytes): using adamw_torch on CPU" in note for note in hp.notes)
+    assert resolve_run(spec({"profile": "custom", "optimizer": "adamw_torch_fused"}), None, "cpu",
+                       on_gpu=False).hp.optimizer == "adamw_torch_fused"
 
 
-def test_auto_on_gpu_explains_its_choice():
-    hp = resolve_hyperparameters(spec(resources={"gpuMemoryGiB": 48}), on_gpu=True)
-    assert hp.profile == "lean" and hp.requested_profile == "auto"
-    assert hp.notes[0].startswith("profile auto -> lean (resources.gpuMemoryGiB=48")
+def test_a_card_with_less_free_memory_than_the_budget_is_planned_as_it_is():
+    run = resolve_run(spec(resources={"gpuMemoryGiB": 80}), LLAMA_8B, "fused", on_gpu=True,
+                      card_free_bytes=30 * GIB)
+    assert run.plan.request.budget_bytes == 30 * GIB and run.plan.fits
+    assert any("30.0 GiB free" in note for note in run.hp.notes)
+
+
+def test_no_budget_on_a_gpu_plans_for_the_cards_free_memory():
+    run = resolve_run(spec(), LLAMA_8B, "fused", on_gpu=True, card_free_bytes=int(139 * GIB))
+    assert run.plan.fits and run.plan.request.budget_source == "the GPU's memory"
+    assert run.plan.layout.placement == "device" and run.plan.layout.uncheckpointed_layers > 0
+
+
+@pytest.mark.parametrize("operator_budget", [48 * GIB])
+def test_the_operators_table_budget_wins_over_the_card(operator_budget):
+    run = resolve_run(spec(resources={"gpuProduct": "NVIDIA-L40S"}), LLAMA_8B, "fused", on_gpu=True,
+                      budget_bytes=operator_budget, card_free_bytes=int(139 * GIB))
+    assert run.plan.request.budget_bytes == operator_budget
+    assert run.plan.request.budget_source == "spec.resources.gpuProduct"

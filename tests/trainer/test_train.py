@@ -138,7 +138,8 @@ def test_lean_profile_with_chat_data_and_packing_on_cpu(tiny_model, tmp_path):
         {"role": "user", "content": f"{r['instruction']} {r.get('input', '')}".strip()},
         {"role": "assistant", "content": r["output"]}]}) + "\n" for r in records))
     spec = {"dataset": {"format": "chat", "packing": True},
-            "training": {"profile": "lean", "maxSteps": 8, "learningRate": 3.0e-3, "loggingSteps": 2}}
+            "training": {"profile": "lean", "maxSteps": 8, "learningRate": 3.0e-3, "loggingSteps": 2,
+                         "optimizer": "paged_adamw_8bit", "gradientCheckpointing": "unsloth"}}
     run = run_trainer(write_job(tmp_path, tiny_model, spec, dataset=chat), tmp_path)
     assert run.returncode == 0, run.output[-3000:]
     assert "optimizer paged_adamw_8bit needs a GPU (bitsandbytes): using adamw_torch on CPU" in run.output

@@ -20,8 +20,8 @@ ENGINES = {
 GPU_ONLY = {"unsloth"}
 # Engines that run on either device and take the GPU when one is visible (fused: CI tests its loop on CPU).
 EITHER_DEVICE = {"fused"}
-# On a GPU, auto runs these profiles on the fused engine (optimizer step inside backward; docs/benchmarks.md).
-FUSED_PROFILES = {"lean", "fast"}
+# On a GPU these profiles run on the fused engine (optimizer step inside backward; docs/benchmarks.md).
+FUSED_PROFILES = {"auto", "lean", "fast"}
 
 
 def requested_engine() -> str:
@@ -38,7 +38,7 @@ def _torch_cuda_available() -> bool:
 
 def choose_engine(requested: str, cuda_available: Optional[Callable[[], bool]] = None,
                   profile: Optional[str] = None) -> str:
-    """auto -> on a GPU: fused for the lean/fast profiles, else unsloth; without one: cpu."""
+    """auto -> on a GPU: fused for the auto/lean/fast profiles, else (custom) unsloth; without one: cpu."""
     cuda_available = cuda_available or _torch_cuda_available
     if requested == "auto":
         if not cuda_available():

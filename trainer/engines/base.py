@@ -17,6 +17,7 @@ from kubesloth.api.v1alpha1 import FineTuneJob
 from kubesloth.trainer.callbacks import Callback
 from kubesloth.trainer.checkpoints import Checkpoint, CheckpointManager
 from kubesloth.trainer.memory import DeviceMonitor
+from kubesloth.planner import Plan
 from kubesloth.trainer.profiles import Hyperparameters
 
 
@@ -34,6 +35,7 @@ class RunContext:
     monitor: DeviceMonitor
     checkpoint_every: int
     log: Any = print  # log(str): one line to the pod log
+    plan: Optional[Plan] = None  # the memory planner's plan (None: a shape the planner does not model)
 
     def training_data(self, tokenizer: Any):
         """The job's dataset rendered and tokenized as every engine trains on it (trainer.data)."""

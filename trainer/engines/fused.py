@@ -338,20 +338,15 @@ def bnb_direct_update(opt: torch.optim.Optimizer, param: torch.nn.Parameter) -> 
 
 # --- the engine (the trainer's entry point runs this) -----------------------------------------------------------
 
-# Where the states of a profile live on a GPU, and how many decoder layers skip checkpointing ("auto": as many as
-# the memory budget allows, estimated from the activation size of one layer).
 PLACEMENTS = ("paged", "device", "host", "torch")
-# Memory kept free for the working set of a step (the layer being recomputed, the loss chunks, allocator slack).
-WORKING_SET_RESERVE_GIB = 6.0
-# Device memory that appears outside torch after start (Triton/Unsloth kernel modules, library workspaces).
-OUTSIDE_TORCH_MARGIN_GIB = 1.0
-# The benchmark's knobs (bench/gpu_bench.py sweeps them); not part of the pod contract.
+# The benchmark's knobs (bench/gpu_bench.py sweeps them): override the plan's placement / layers kept. Not part
+# of the pod contract; a run with them logs that its plan was overridden.
 TUNING_ENV = "KUBESLOTH_FUSED_TUNING"
 
 
 @dataclass
 class FusedPlan:
-    """What the engine decided from the profile, the optimizer and the memory budget (logged at start)."""
+    """What this engine runs, taken from the memory planner's plan (kubesloth.planner; logged at start)."""
 
     device: str  # cuda | cpu
     placement: str  # paged | device | host | torch
@@ -384,69 +379,9 @@ def _tuning() -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def layer_activation_bytes(config, tokens: int) -> int:
-    """Saved activations of one Llama decoder layer without checkpointing (bf16): norms, q/k/v, attention out,
-    residuals, and three MLP-wide tensors. Calibrated on the 8B shape at 8 x 2048 tokens: 2.25 GiB estimated,
-    2.19 GiB measured per layer (15 layers: torch reserved 66.65 GiB against 30.2 GiB weights + states + 3.6 GiB
-    working set)."""
-    hidden = config.hidden_size
-    inter = config.intermediate_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", heads) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    per_token = 7 * hidden + 2 * kv * head_dim + 3 * inter
-    return 2 * per_token * tokens
-
-
-# The placement each optimizer asks for; "host" is chosen when 8-bit states do not fit the budget.
+# The placement each optimizer asks for when the run has no plan (CPU tests, a model the planner cannot shape).
 OPTIMIZER_PLACEMENTS = {"paged_adamw_8bit": "paged", "adamw_8bit": "device", "adamw_torch": "torch",
                         "adamw_torch_fused": "torch"}
-
-
-@dataclass(frozen=True)
-class DeviceMemory:
-    """What the plan is made from: torch's reserved bytes after the model loaded, the card's free bytes, and the
-    budget torch is capped at (None: the card)."""
-
-    reserved: int
-    free: int
-    budget: Optional[int] = None
-
-    def room(self, also_held: int = 0) -> int:
-        """Bytes left for optimizer states / activations beside the weights and a step's working set."""
-        ceiling = self.budget if self.budget is not None else self.reserved + self.free
-        return ceiling - self.reserved - also_held - int(WORKING_SET_RESERVE_GIB * 2**30)
-
-
-def choose_placement(placement: str, state_bytes: int, memory: DeviceMemory) -> tuple[str, Optional[str]]:
-    """Where the optimizer states go, and a note when that is not where the optimizer asked for them.
-
-    Paged states live in CUDA managed memory: they are only asked for when they fit in what the card has free
-    beside the working set (never oversubscribe managed memory) and in the budget. 8-bit states that do not fit
-    stream from pinned host memory instead. fp32 torch states (8 bytes a parameter) that do not fit are an error.
-    """
-    from kubesloth.trainer.errors import BadConfig
-
-    room = memory.room()
-    fits = state_bytes <= room and state_bytes + int(WORKING_SET_RESERVE_GIB * 2**30) <= memory.free
-    if placement in ("host",) or fits:
-        return placement, None
-    if placement == "torch":
-        raise BadConfig(f"spec.training.optimizer: 32-bit AdamW states need {state_bytes / 2**30:.1f} GiB and the "
-                        f"GPU budget leaves {max(room, 0) / 2**30:.1f} GiB beside the weights; use adamw_8bit or "
-                        "paged_adamw_8bit (the fused engine streams 8-bit states from host memory when needed)")
-    return "host", (f"fused engine: 8-bit states ({state_bytes / 2**30:.1f} GiB) do not fit beside the weights in "
-                    f"the budget ({max(room, 0) / 2**30:.1f} GiB left): states in pinned host memory, streamed "
-                    "per parameter")
-
-
-def layers_without_checkpointing(per_layer: int, layers: int, states_on_device: int,
-                                 memory: DeviceMemory) -> tuple[int, str]:
-    """fast: how many decoder layers can keep their activations instead of recomputing them."""
-    room = memory.room(also_held=states_on_device)
-    count = max(0, min(layers, int(room // per_layer))) if room > 0 else 0
-    return count, (f"fast: {room / 2**30:.1f} GiB for activations at {per_layer / 2**30:.2f} GiB per layer -> "
-                   f"{count}/{layers} layers without checkpointing")
 
 
 class FusedEngine:
@@ -475,7 +410,7 @@ class FusedEngine:
         on_gpu = torch.cuda.is_available()
         tuning = _tuning()
         if on_gpu:
-            budget = self._memory_budget(ctx, tuning)
+            budget = self._memory_cap(ctx)
             self._load_unsloth(ctx)
         else:
             budget = None
@@ -499,28 +434,23 @@ class FusedEngine:
         if ctx.resume_from is not None:
             self._resume(ctx.resume_from)
 
-    def _memory_budget(self, ctx, tuning: dict) -> Optional[int]:
-        """resources.gpuMemoryGiB becomes torch's cap, less what the process holds outside torch (CUDA context)."""
+    def _memory_cap(self, ctx) -> Optional[int]:
+        """torch's cap from the plan: the budget less the safety margin, the paged states (NVML counts them,
+        torch does not) and what the process holds outside torch, so the device peak stays inside the budget."""
         import os
 
         # What Unsloth sets at import (less fragmentation); here CUDA starts before that import.
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-        gib = tuning.get("gpu_memory_gib", ctx.job.spec.resources.gpu_memory_gi_b)
-        if not gib:
+        plan = ctx.plan
+        cap = plan.torch_cap_bytes if plan is not None else None
+        if not cap:
             return None
         torch.cuda.init()
-        torch.empty(1, device="cuda")  # create the context so its size can be read
-        outside = 0
-        if ctx.monitor.available:
-            ctx.monitor.sample()
-            outside = max((ctx.monitor.used or 0) - torch.cuda.memory_reserved(), 0)
         total = torch.cuda.get_device_properties(0).total_memory
-        # Kernel modules and library workspaces loaded later also live outside torch (measured: ~0.4 GiB on the
-        # 8B runs; the budget keeps 1 GiB for them).
-        cap = min(int(float(gib) * 2**30) - outside - int(OUTSIDE_TORCH_MARGIN_GIB * 2**30), total)
+        cap = min(cap, total)
         torch.cuda.set_per_process_memory_fraction(max(cap, 1 << 30) / total)
-        ctx.log(f"GPU budget {float(gib):g} GiB: torch capped at {cap / 2**30:.2f} GiB "
-                f"({outside / 2**30:.2f} GiB held outside torch)")
+        ctx.log(f"GPU budget {plan.request.budget_bytes / 2**30:.2f} GiB ({plan.request.budget_source}): torch "
+                f"capped at {cap / 2**30:.2f} GiB")
         return cap
 
     def _load_unsloth(self, ctx) -> None:
@@ -563,40 +493,33 @@ class FusedEngine:
             layer.gradient_checkpointing = False
 
     def _plan(self, ctx, on_gpu: bool, budget: Optional[int], tuning: dict) -> FusedPlan:
+        """The planner's layout, as this engine runs it (the plan was made once, in trainer.profiles)."""
         from kubesloth.trainer.errors import BadConfig
 
         hp = ctx.hp
+        layout = ctx.plan.layout if ctx.plan is not None else None
+        placement = layout.placement if layout is not None else OPTIMIZER_PLACEMENTS.get(hp.optimizer)
         plan = FusedPlan(device="cuda" if on_gpu else "cpu", placement="torch", sequences_per_step=self.batch,
                          checkpointing=hp.gradient_checkpointing, budget_bytes=budget)
-        if hp.gradient_accumulation_steps > 1:
-            plan.notes.append(f"fused engine: gradientAccumulationSteps {hp.gradient_accumulation_steps} x "
-                              f"perDeviceBatchSize {hp.per_device_batch_size} run as one batch of {self.batch} "
-                              "sequences per step (same token-mean loss, no accumulation)")
-        if hp.max_grad_norm > 0:
-            plan.notes.append(f"fused engine: maxGradNorm {hp.max_grad_norm:g} clips each parameter's gradient "
-                              "on its own (per-parameter clipping)")
+        if layout is None or layout.engine != "fused":
+            # Forced onto this engine (KUBESLOTH_ENGINE=fused) without a fused plan: say what runs differently.
+            if hp.gradient_accumulation_steps > 1:
+                plan.notes.append(f"fused engine: gradientAccumulationSteps {hp.gradient_accumulation_steps} x "
+                                  f"perDeviceBatchSize {hp.per_device_batch_size} run as one batch of {self.batch} "
+                                  "sequences per step (same token-mean loss, no accumulation)")
+            if hp.max_grad_norm > 0:
+                plan.notes.append(f"fused engine: maxGradNorm {hp.max_grad_norm:g} clips each parameter's "
+                                  "gradient on its own (per-parameter clipping)")
         if not on_gpu:
             return plan  # torch AdamW per parameter
-        if hp.optimizer not in OPTIMIZER_PLACEMENTS:
+        if placement is None:
             raise BadConfig(f"spec.training.optimizer: {hp.optimizer} is not supported by the fused engine "
                             f"(allowed: {', '.join(OPTIMIZER_PLACEMENTS)})")
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        numel = sum(p.numel() for p in params)
-        placement = tuning.get("placement") or OPTIMIZER_PLACEMENTS[hp.optimizer]
-        state_bytes = eight_bit_state_bytes(params) if placement != "torch" else 8 * numel
-        memory = DeviceMemory(reserved=torch.cuda.memory_reserved(), free=torch.cuda.mem_get_info()[0],
-                              budget=budget)
-        plan.placement, note = choose_placement(placement, state_bytes, memory)
-        if note:
-            plan.notes.append(note)
-        if "uncheckpointed_layers" in tuning:
-            plan.uncheckpointed_layers = int(tuning["uncheckpointed_layers"])
-        elif hp.profile == "fast" and hp.gradient_checkpointing != "false":
-            per_layer = layer_activation_bytes(self.model.config, self.batch * hp.max_seq_length)
-            layers = len(self._decoder_layers())
-            plan.uncheckpointed_layers, note = layers_without_checkpointing(
-                per_layer, layers, state_bytes if plan.placement in ("device", "torch") else 0, memory)
-            plan.notes.append(note)
+        plan.placement = tuning.get("placement") or placement
+        plan.uncheckpointed_layers = int(tuning.get("uncheckpointed_layers",
+                                                    layout.uncheckpointed_layers if layout is not None else 0))
+        if tuning:
+            plan.notes.append(f"{TUNING_ENV} overrides the plan: {tuning}")
         return plan
 
     def _make_fused(self, ctx) -> FusedOptimizer:
@@ -841,12 +764,3 @@ def bnb_adamw8bit_factory(learning_rate: float, weight_decay: float, paged: bool
         wd = 0.0 if no_decay(name, param) else weight_decay
         return cls([param], lr=learning_rate, betas=betas, eps=eps, weight_decay=wd)
     return make
-
-
-def eight_bit_state_bytes(params: Sequence[torch.nn.Parameter]) -> int:
-    """Bytes of AdamW8bit states for these parameters: two uint8 states and two fp32 absmax per 256 values."""
-    total = 0
-    for p in params:
-        n = p.numel()
-        total += 2 * n + 2 * 4 * math.ceil(n / 256) if n >= 4096 else 2 * 4 * n
-    return total

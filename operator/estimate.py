@@ -26,6 +26,7 @@ from kubesloth.api.v1alpha1 import FineTuneJobSpec
 from kubesloth.planner import KNOWN_SHAPES, GIB, ModelShape, PlanError, ShapeError, gpu_class, known_shape_for_repo
 from kubesloth.planner.jobs import PRODUCT_FIELD, estimate_status, plan_job
 
+from .progress import _prices
 from .settings import OperatorSettings
 
 log = logging.getLogger("kubesloth.operator.estimate")
@@ -115,7 +116,7 @@ def estimate_for(spec: FineTuneJobSpec, settings: OperatorSettings,
         return Estimate(None, _condition("False", "InvalidSpec", str(err)), err.field, str(err))
     gpu = gpu_class(spec.resources.gpu_product, dict(settings.gpu_memory))
     ratio = gpu.speed_ratio() if gpu is not None and gpu.bf16_tflops else 1.0
-    price = settings.gpu_prices.get(spec.resources.gpu_product or "") if settings.gpu_prices else None
+    price = _prices().price(spec.resources.gpu_product)  # the chart's table, as status.cost uses it
     status = estimate_status(plan, spec, note, hourly_price=price, speed_ratio=ratio)
     status["parameters"] = shape.parameters
     budget_for_pod = plan.request.budget_bytes if plan.request.budget_source == PRODUCT_FIELD else None

@@ -96,9 +96,8 @@ class OperatorSettings:
     volume_root: str | None = None
     # Read config.json of hf:// models through the hub client before scheduling (false: known shapes only).
     hub_configs: bool = True
-    # GPU product -> memory GiB (the chart's gpuMemoryGiB) and -> $/hour (gpuPrices), for budgets and estimates.
+    # GPU product -> memory GiB (the chart's gpuMemoryGiB): the planner's budget for resources.gpuProduct.
     gpu_memory: Mapping[str, float] = field(default_factory=dict)
-    gpu_prices: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorSettings":
@@ -188,13 +187,12 @@ class OperatorSettings:
             values["volume_root"] = get("VOLUME_ROOT")
         if get("HUB_CONFIGS"):
             values["hub_configs"] = get("HUB_CONFIGS").lower() not in ("0", "false", "no")
-        for name, key in (("GPU_MEMORY", "gpu_memory"), ("GPU_PRICES", "gpu_prices")):
-            if get(name):
-                table = json_value(name, dict)
-                try:
-                    values[key] = {str(k): float(v) for k, v in table.items() if v is not None}
-                except (TypeError, ValueError):
-                    raise SettingsError(f"{ENV_PREFIX}{name}: expected a JSON object of numbers") from None
+        if get("GPU_MEMORY"):
+            table = json_value("GPU_MEMORY", dict)
+            try:
+                values["gpu_memory"] = {str(k): float(v) for k, v in table.items() if v is not None}
+            except (TypeError, ValueError):
+                raise SettingsError(f"{ENV_PREFIX}GPU_MEMORY: expected a JSON object of numbers") from None
         return cls(**values)
 
     def image_allowed(self, image: str | None) -> bool:

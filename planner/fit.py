@@ -12,10 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from .memory import GIB, PLACEMENT_OPTIMIZER, Breakdown, Layout, estimate
+from .memory import GIB, PLACEMENT_OPTIMIZER, Breakdown, Layout, estimate, kept_layer_bytes
 from .shapes import ModelShape
 
-# Kept free below the budget: allocator rounding and library workspaces that vary between runs.
+# Kept free below the budget: the plan's predicted device peak stays this far under it, and torch's cap leaves the
+# margin to torch as headroom (allocator rounding, prediction error). Layers kept uncheckpointed add one layer's
+# activations of headroom: on the H200 (2026-12-01 run1) 8B plans predicted 0.1-0.4 GiB under a cap with no such
+# headroom ran two steps at the cap and ran out of memory at the third.
 SAFETY_MARGIN_FRACTION = 0.03
 SAFETY_MARGIN_MIN_BYTES = GIB // 2
 # Sequences per step when the spec leaves the batch to the planner: about 16k tokens (the 8 x 2048 the engine
@@ -91,11 +94,13 @@ class Plan:
 
     @property
     def torch_cap_bytes(self) -> Optional[int]:
-        """torch's memory cap: what the limit leaves after paged states and memory outside torch."""
-        if self.limit_bytes is None:
+        """torch's memory cap: the budget less the paged states and what CUDA holds outside torch, so the device
+        peak stays inside the budget even when torch uses the margin the plan left it."""
+        budget = self.request.budget_bytes
+        if budget is None:
             return None
         paged = self.breakdown.optimizer_states if self.layout.placement == "paged" else 0
-        return self.limit_bytes - paged - self.breakdown.outside_torch
+        return budget - paged - self.breakdown.outside_torch
 
     def summary(self) -> dict[str, Any]:
         """The plan as the trainer logs it and the operator writes it (same keys on both sides)."""
@@ -192,7 +197,7 @@ def plan(request: PlanRequest, suggest: bool = True) -> Plan:
         result = Plan(request, layout, breakdown, None if limit is None else breakdown.device_peak <= limit, limit)
     else:
         scored = [(layout, estimate(request.shape, layout)) for layout in _candidates(request)]
-        fitting = [(l, b) for l, b in scored if limit is None or b.device_peak <= limit]
+        fitting = [(l, b) for l, b in scored if limit is None or _peak_with_headroom(request, l, b) <= limit]
         if limit is None:
             # No budget known here: report the leanest layout (what the job needs at least); the pod plans for
             # its own card.
@@ -214,6 +219,12 @@ def plan(request: PlanRequest, suggest: bool = True) -> Plan:
         if suggest:
             result.suggestions = suggestions(request)
     return result
+
+
+def _peak_with_headroom(request: PlanRequest, layout: Layout, breakdown: Breakdown) -> int:
+    if not layout.uncheckpointed_layers:
+        return breakdown.device_peak
+    return breakdown.device_peak + kept_layer_bytes(request.shape, layout.tokens_per_step)
 
 
 def _changes(request: PlanRequest, layout: Layout) -> list[Change]:

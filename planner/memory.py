@@ -118,8 +118,8 @@ def tokens_per_second(shape: ModelShape, layout: Layout, peak_flops: Optional[fl
     speed = calibration()["speed"]
     peak = peak_flops or float(speed["reference_peak_flops"])
     tokens = layout.tokens_per_step
-    compute = tokens * flops_per_token(shape, layout.seq_len, layout.uncheckpointed_layers) / (
-        peak * speed["matmul_efficiency"])
+    efficiency = speed["matmul_efficiency"] * min(1.0, (shape.hidden_size / 4096) ** speed["hidden_exponent"])
+    compute = tokens * flops_per_token(shape, layout.seq_len, layout.uncheckpointed_layers) / (peak * efficiency)
     overhead = shape.parameters * speed["step_overhead_seconds_per_parameter"].get(layout.placement, 2.0e-11)
     if layout.engine == "unsloth":
         overhead *= 2  # a separate optimizer pass over the full gradient set

@@ -30,7 +30,7 @@ ALPACA_TINY = REPO_ROOT / "examples" / "data" / "alpaca-tiny.jsonl"
 GPU_PRODUCT = "Local-CPU"  # the node agent's nvidia.com/gpu.product label
 PRICE_PER_HOUR = 3.6  # $/h for that product in the operator's price table: 0.1 cent a second
 MAIN, BROKEN = "obs-main", "obs-broken"
-STEPS = 400  # 10-120 s of training on 2 cores, depending on load; Prometheus needs a few seconds of it
+STEPS = 1500  # 4-60 s of training on 2 cores (measured: 400 steps in 3.4 s on an idle machine); Prometheus needs a few seconds of it
 # Trainer-only GPU series: absent on a CPU run by design (no made-up zeros); test_dashboards.py shows every
 # dashboard query returning data from a Prometheus scraping a GPU-fed trainer registry.
 GPU_ONLY = {contract.METRIC_GPU_ALLOCATED, contract.METRIC_GPU_RESERVED, contract.METRIC_GPU_PEAK,

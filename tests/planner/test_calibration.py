@@ -1,0 +1,92 @@
+"""The planner held to the H200 measurements committed under bench/results/ (docs/benchmarks.md has the tables
+with date and command): predicted torch-reserved and NVML device peaks within 5 % of measured on every row that
+trained, every such row inside its budget, and the plans that ran out of memory no longer chosen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kubesloth.planner import GIB, KNOWN_SHAPES, Layout, PlanRequest, estimate, plan
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+BENCH_SHAPES = {"8b": "llama-3.1-8b", "qwen7b": "qwen2.5-7b", "qwen1.5b": "qwen2.5-1.5b"}
+TOLERANCE = 0.05
+
+
+def plan_rows():
+    rows = []
+    for path in sorted(RESULTS.glob("h200-*/run*/plan-table.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            if row.get("exit_code") is not None and row.get("plan"):
+                rows.append((f"{path.parent.parent.name}/{path.parent.name}/{row['row']}", row))
+    return rows
+
+
+def table_rows():
+    """The 2026-11-29 profile rows (trainer entry point, 8B, seq 2048, 8 sequences a step)."""
+    layouts = {"lean": ("paged", 0, "paged_adamw_8bit"), "lean-24g": ("host", 0, "paged_adamw_8bit"),
+               "fast": ("device", 18, "adamw_8bit")}
+    data = json.loads((RESULTS / "h200-2026-11-29" / "run2" / "table-8b.json").read_text())
+    out = []
+    for row in data["rows"]:
+        if row["name"] in layouts and row["exit_code"] in (0, -9):
+            placement, kept, optimizer = layouts[row["name"]]
+            out.append((f"h200-2026-11-29/run2/{row['name']}", Layout("fused", placement, 8, 2048, kept, "unsloth",
+                                                                      optimizer), row))
+    return out
+
+
+TRAINED = [(name, row) for name, row in plan_rows() if row["exit_code"] in (0, -9)]
+OUT_OF_MEMORY = [(name, row) for name, row in plan_rows() if row["exit_code"] == 5]
+
+
+def layout_of(row) -> Layout:
+    p = row["plan"]
+    return Layout(p["engine"], p["placement"], p["sequences_per_step"], p["seq_len"], p["uncheckpointed_layers"],
+                  p["checkpointing"], p["optimizer"])
+
+
+def shape_of(row):
+    shape = KNOWN_SHAPES[BENCH_SHAPES[row["shape"]]]
+    assert shape.parameters == row["params"]  # the bench built exactly the known shape
+    return shape
+
+
+def test_there_are_rows_of_several_shapes_lengths_and_placements():
+    assert len(TRAINED) >= 4
+    assert {row["shape"] for _, row in TRAINED} >= {"8b", "qwen1.5b"}
+    assert {row["seq"] for _, row in TRAINED} >= {2048, 8192, 16384}
+    assert {row["plan"]["placement"] for _, row in TRAINED} >= {"host", "device"}
+
+
+@pytest.mark.parametrize("name,row", TRAINED, ids=[n for n, _ in TRAINED])
+def test_predicted_peaks_within_five_percent_of_measured(name, row):
+    predicted = estimate(shape_of(row), layout_of(row))
+    torch_error = predicted.torch_reserved / row["torch_reserved_peak"] - 1
+    device_error = predicted.device_peak / row["nvml_peak"] - 1
+    assert abs(torch_error) <= TOLERANCE, f"torch reserved {torch_error:+.1%}"
+    assert abs(device_error) <= TOLERANCE, f"device {device_error:+.1%}"
+
+
+@pytest.mark.parametrize("name,row", TRAINED, ids=[n for n, _ in TRAINED])
+def test_every_trained_row_stayed_inside_its_budget(name, row):
+    assert row["nvml_peak"] <= row["budget_bytes"]
+
+
+@pytest.mark.parametrize("name,layout,row", table_rows(), ids=[n for n, _, _ in table_rows()])
+def test_the_profile_rows_of_the_first_round_within_five_percent(name, layout, row):
+    predicted = estimate(KNOWN_SHAPES["llama-3.1-8b"], layout)
+    assert abs(predicted.torch_reserved / row["torch_reserved_peak"] - 1) <= TOLERANCE
+    assert abs(predicted.device_peak / row["nvml_peak"] - 1) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name,row", OUT_OF_MEMORY, ids=[n for n, _ in OUT_OF_MEMORY])
+def test_a_plan_that_ran_out_of_memory_is_no_longer_chosen(name, row):
+    old = layout_of(row)
+    now = plan(PlanRequest(shape_of(row), row["seq"], row["profile"], row["budget_bytes"],
+                           "spec.resources.gpuMemoryGiB"))
+    assert now.fits
+    assert now.layout.uncheckpointed_layers < old.uncheckpointed_layers or now.layout.placement != old.placement

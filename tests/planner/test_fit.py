@@ -137,3 +137,19 @@ def test_the_charts_gpu_tables_are_the_planners():
     gpus = gpu_classes()
     assert values["gpuMemoryGiB"] == {name: gpu.memory_gib for name, gpu in gpus.items()}
     assert values["gpuPrices"] == {name: gpu.hourly_price for name, gpu in gpus.items()}
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("finetunejob-*.yaml")))
+def test_kubesloth_plan_on_every_example(example, capsys, monkeypatch, tmp_path):
+    from kubesloth.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["plan", str(ROOT / "examples" / example), "--offline"]
+    if example == "finetunejob-tiny.yaml":  # a pvc:// model: its config.json given by hand
+        from kubesloth.trainer.tiny import make_tiny_model
+        args += ["--model-config", str(make_tiny_model(tmp_path / "tiny") / "config.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "budget:" in out and "NVIDIA-H200" in out
+    if "24gb" in example or "long-context" in example:
+        assert "(spec.resources.gpuMemoryGiB): fits" in out

@@ -27,6 +27,7 @@ COPY pyproject.toml README.md ./
 COPY api ./api
 COPY kubesloth ./kubesloth
 COPY operator ./operator
+COPY planner ./planner
 COPY trainer ./trainer
 # Install from /, not /src: a cwd holding `operator/` would shadow the standard library's `operator` module.
 WORKDIR /
@@ -60,6 +61,7 @@ COPY pyproject.toml README.md ./
 COPY api ./api
 COPY kubesloth ./kubesloth
 COPY operator ./operator
+COPY planner ./planner
 COPY trainer ./trainer
 # Compile caches (Unsloth's generated kernels, inductor, Triton) and the Hugging Face cache live under one
 # directory the pod mounts a volume at, so a restarted pod starts warm; the operator may point them elsewhere.

@@ -93,7 +93,8 @@ def _eight_bit_states(shape: ModelShape) -> int:
 
 
 def _activations(shape: ModelShape, tokens: int) -> int:
-    act = calibration()["activation"]
+    act = {**calibration()["activation"], **calibration()["activation"].get("by_model_type", {}).get(
+        shape.model_type, {})}
     per_token = 2 * (act["mlp_factor"] * shape.intermediate_size + act["hidden_factor"] * shape.hidden_size)
     return int(per_token * tokens + act["fixed_bytes"])
 

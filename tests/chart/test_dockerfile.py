@@ -100,7 +100,7 @@ def test_dockerignore_lets_in_only_the_package_sources():
              if line and not line.startswith("#")]
     assert lines[0] == "*", "exclude everything first"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "api", "kubesloth", "operator", "trainer"}
+    assert allowed == {"pyproject.toml", "README.md", "api", "kubesloth", "operator", "planner", "trainer"}
     # Everything the Dockerfile copies is allowed in.
     copied = set(re.findall(r"^COPY (?!--from)(\S+)", DOCKERFILE.read_text(), re.MULTILINE))
     assert copied <= allowed | {"pyproject.toml", "README.md"}, copied - allowed

@@ -104,10 +104,10 @@ def estimate_for(spec: FineTuneJobSpec, settings: OperatorSettings,
         return Estimate(None, _condition("False", "ModelConfigUnusable", message), "spec.model.source", message)
     if shape is None:
         return Estimate(None, _condition("Unknown", "EstimateDeferred", f"{note}; the pod plans for its GPU"))
-    if spec.resources.gpu_product and not spec.resources.gpu_memory_gi_b:
-        gpu = gpu_class(spec.resources.gpu_product, dict(settings.gpu_memory))
-        if gpu is not None and gpu.bf16_tflops == 0 and gpu.product in dict(_table_products()):
-            message = (f"{PRODUCT_FIELD}: {gpu.product} has no bf16 tensor cores; full fine-tuning runs in bf16 "
+    if spec.resources.gpu_product:
+        known = gpu_class(spec.resources.gpu_product)
+        if known is not None and known.bf16_tflops == 0:  # a class the planner's table knows lacks bf16
+            message = (f"{PRODUCT_FIELD}: {known.product} has no bf16 tensor cores; full fine-tuning runs in bf16 "
                        "(choose another GPU)")
             return Estimate(None, _condition("False", "GpuUnsupported", message), PRODUCT_FIELD, message)
     try:
@@ -135,8 +135,3 @@ def estimate_for(spec: FineTuneJobSpec, settings: OperatorSettings,
     return Estimate(status, condition, changes=status.get("changes") or [], budget_bytes=budget_for_pod,
                     parameters=shape.parameters)
 
-
-def _table_products():
-    from kubesloth.planner import gpu_classes
-
-    return gpu_classes().items()

@@ -4,15 +4,21 @@ Triggers, all calling the same level-triggered reconcile of one FineTuneJob:
   * the FineTuneJob's create/update/resume (retried with backoff, bounded: `handler_retries`),
   * watch events of its Job and Pods (label kubesloth.io/finetunejob): status follows the pod within a second,
   * a resync thread every `resync_seconds` (pods change without any event reaching us while the operator was
-    down; TTLs expire with no event at all).
+    down; TTLs expire with no event at all): one list of FineTuneJobs per pass, children from the watch cache.
+Jobs, Pods and ConfigMaps are watched with a server-side label selector (`settings.watching.label_selectors`: a
+handler's `labels=` filter is applied by kopf client-side, after every object of the kind has been received), and
+kept in kopf indexes that the reconcile reads instead of the API (kube.WatchCache).
 No handler needs a finalizer (children go by ownerReferences; no timers/daemons, which would add one), so a
 stopped operator never blocks `kubectl delete ftj`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
+import time
 
 import kopf
 import urllib3
@@ -25,7 +31,7 @@ from kubesloth.api.v1alpha1 import GROUP, PLURAL, VERSION
 
 from . import metrics, progress
 from .builders import ANNOTATION_FTJ, LABEL_FTJ
-from .kube import KubeApi
+from .kube import KubeApi, WatchCache, slim
 from .reconcile import Reconciler
 from .settings import OperatorSettings
 
@@ -34,6 +40,13 @@ SETTINGS = OperatorSettings.from_env()  # read once, at import by `kopf run`
 RECONCILER: Reconciler | None = None
 _stop = threading.Event()
 TRANSIENT_HTTP = {409, 429, 500, 502, 503, 504}
+CACHE = WatchCache()
+# The children's kinds, as the decorators and the watch selectors name them. Only objects labelled
+# kubesloth.io/finetunejob (every child the operator builds is) are sent by the API server.
+JOBS = ("batch", "v1", "jobs")
+PODS = ("v1", "pods")
+CONFIGMAPS = ("v1", "configmaps")
+CHILD_SELECTOR = LABEL_FTJ  # a label selector: "the key exists"
 
 
 def _serve_metrics() -> None:
@@ -59,24 +72,55 @@ def reconcile_or_retry(namespace: str, name: str) -> None:
         raise kopf.TemporaryError(f"API unreachable: {err}", delay=SETTINGS.handler_backoff_seconds)
 
 
+def resync_pass(reconciler: Reconciler, namespaces: list[str] | None = None) -> int | None:
+    """One pass: list the FineTuneJobs once, reconcile each from its listed body and the watch cache, then forget
+    what was kept for FineTuneJobs that are gone (locks, plans, backoff, metric series, scrape readings). Returns
+    how many were reconciled, None when the list failed."""
+    started = time.monotonic()
+    try:
+        items = ([ftj for ns in namespaces for ftj in reconciler.api.list_ftjs(ns)]
+                 if namespaces else reconciler.api.list_ftjs())
+    except Exception as err:  # the API server may be briefly away; the next round tries again
+        log.warning("resync: cannot list FineTuneJobs: %s", err)
+        return None
+    keys = set()
+    for ftj in items:
+        namespace, name = ftj["metadata"]["namespace"], ftj["metadata"]["name"]
+        keys.add((namespace, name))
+        try:
+            reconciler.reconcile(namespace, name, listed=ftj)
+        except Exception as err:
+            log.warning("resync of %s/%s failed: %s", namespace, name, err)
+    del items
+    forgotten = reconciler.retain(keys, started)
+    forgotten += metrics.METRICS.retain(keys, started)
+    if progress.SCRAPER is not None:
+        progress.SCRAPER.prune()
+    if forgotten:
+        _trim_memory()
+    seconds = time.monotonic() - started
+    metrics.METRICS.observe_resync(len(keys), seconds, reconciler.api.reads)
+    if seconds > SETTINGS.resync_seconds:
+        log.warning("resync: %d FineTuneJobs took %.1f s, longer than its %g s period", len(keys), seconds,
+                    SETTINGS.resync_seconds)
+    return len(keys)
+
+
+def _trim_memory() -> None:
+    """Give freed heap back to the system after many objects went (glibc keeps it otherwise; no-op elsewhere)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _resync_loop() -> None:
     while not _stop.wait(SETTINGS.resync_seconds):
-        try:
-            items = ([ftj for ns in SETTINGS.namespaces for ftj in RECONCILER.api.list_ftjs(ns)]
-                     if SETTINGS.namespaces else RECONCILER.api.list_ftjs())
-        except Exception as err:  # the API server may be briefly away; the next round tries again
-            log.warning("resync: cannot list FineTuneJobs: %s", err)
-            continue
-        for ftj in items:
-            try:
-                RECONCILER.reconcile(ftj["metadata"]["namespace"], ftj["metadata"]["name"])
-            except Exception as err:
-                log.warning("resync of %s/%s failed: %s", ftj["metadata"]["namespace"], ftj["metadata"]["name"], err)
+        resync_pass(RECONCILER, SETTINGS.namespaces)
 
 
-@kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, **_) -> None:
-    global RECONCILER
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf's settings for this operator (called at startup; a function so tests can check them)."""
     # kopf's bookkeeping in annotations under our own prefix: status stays ours alone (and the CRD schema
     # cannot prune it), and the markers survive a status reset.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubesloth.io")
@@ -88,6 +132,17 @@ def startup(settings: kopf.OperatorSettings, **_) -> None:
     settings.execution.max_workers = 8
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
+    # Server-side filtering: the API server sends only our children (kopf 1.45 applies a handler's `labels=`
+    # on the client, after receiving every Pod and Job of the cluster).
+    for kind in (JOBS, PODS, CONFIGMAPS):
+        settings.watching.label_selectors[kind] = CHILD_SELECTOR
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, child_jobs: kopf.Index, child_configmaps: kopf.Index,
+            child_pods: kopf.Index, **_) -> None:
+    global RECONCILER
+    configure(settings)
     try:
         kube_config.load_incluster_config()
     except kube_config.ConfigException:
@@ -97,7 +152,11 @@ def startup(settings: kopf.OperatorSettings, **_) -> None:
         # request would drown the log.
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     _serve_metrics()
-    RECONCILER = Reconciler(KubeApi(), SETTINGS, enrichers=[progress.enrich_status],
+    api = KubeApi()
+    CACHE.ready.clear()
+    CACHE.bind(child_jobs, child_configmaps, child_pods)
+    api.cache = CACHE
+    RECONCILER = Reconciler(api, SETTINGS, enrichers=[progress.enrich_status],
                             observers=[metrics.observe_reconcile])
     _stop.clear()
     threading.Thread(target=_resync_loop, name="kubesloth-resync", daemon=True).start()
@@ -115,11 +174,40 @@ RETRY = {"retries": SETTINGS.handler_retries, "backoff": SETTINGS.handler_backof
 @kopf.on.create(GROUP, VERSION, PLURAL, **RETRY)
 @kopf.on.update(GROUP, VERSION, PLURAL, **RETRY)
 def finetunejob_changed(namespace: str, name: str, **_) -> None:
+    CACHE.ready.set()  # kopf runs no handler but the indexes' before every index has its initial listing
     reconcile_or_retry(namespace, name)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_FTJ: kopf.PRESENT})
-@kopf.on.event("v1", "pods", labels={LABEL_FTJ: kopf.PRESENT})
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def finetunejob_event(type: str | None, namespace: str, name: str, **_) -> None:
+    """A deleted FineTuneJob's locks, plan, backoff and metric series go at once (the resync catches any
+    deletion this misses, e.g. while the operator was down)."""
+    CACHE.ready.set()
+    if type == "DELETED" and RECONCILER is not None:
+        RECONCILER.forget(namespace, name)
+        metrics.METRICS.forget_job(namespace, name)
+
+
+@kopf.on.event(*JOBS, labels={LABEL_FTJ: kopf.PRESENT})
+@kopf.on.event(*PODS, labels={LABEL_FTJ: kopf.PRESENT})
 def child_changed(namespace: str, annotations: kopf.Annotations, **_) -> None:
+    CACHE.ready.set()
     if annotations.get(ANNOTATION_FTJ):
         RECONCILER.reconcile(namespace, annotations[ANNOTATION_FTJ])
+
+
+# The watch cache (kube.WatchCache): the children by the keys the reconcile looks them up by. kopf removes an
+# object's entry on its DELETED event.
+@kopf.index(*JOBS, labels={LABEL_FTJ: kopf.PRESENT})
+def child_jobs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+    return {(namespace, name): slim(body)}
+
+
+@kopf.index(*CONFIGMAPS, labels={LABEL_FTJ: kopf.PRESENT})
+def child_configmaps(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+    return {(namespace, name): slim(body)}
+
+
+@kopf.index(*PODS, labels={LABEL_FTJ: kopf.PRESENT})
+def child_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+    return {(namespace, labels[LABEL_FTJ]): slim(body)}

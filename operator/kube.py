@@ -2,12 +2,19 @@
 
 Raw JSON (`_preload_content=False`) keeps objects exactly as the API server sent them, the same shape the pure
 builders and status functions take and the unit tests write by hand.
+
+Reads of the children (Job, ConfigMap, Pods) come from a `WatchCache` once the operator's watches have listed them
+(kopf indexes fed by server-side label-selected watches, see operator/handlers.py); before that, or with no cache,
+from the API server. `fresh=True` asks the API server regardless (the cache holds only labelled objects and lags
+the operator's own writes by a moment).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubesloth.api.v1alpha1 import GROUP, PLURAL, VERSION
 
+from .builders import ANNOTATION_FTJ, LABEL_FTJ
 from .settings import ServerFeatures
 
 EVENT_SOURCE = "kubesloth-operator"
@@ -25,6 +33,61 @@ def _json(response: Any) -> dict[str, Any]:
     return json.loads(response.data)
 
 
+def slim(body: Any) -> dict[str, Any]:
+    """A watched object as the cache keeps it: a plain dict without `metadata.managedFields` (often half of a
+    Pod's bytes, read by nothing here)."""
+    meta = {key: value for key, value in (body.get("metadata") or {}).items() if key != "managedFields"}
+    return {**{key: body[key] for key in body if key != "metadata"}, "metadata": meta}
+
+
+def _values(store: Any) -> list[dict[str, Any]]:
+    """A kopf index store's values (the asyncio thread may update it while a reconcile thread reads it)."""
+    for _ in range(5):
+        try:
+            return list(store)
+        except RuntimeError:  # changed size during iteration
+            continue
+    return list(store)
+
+
+class WatchCache:
+    """The children as the operator's watches last saw them: three kopf indexes (operator/handlers.py), keyed
+    (namespace, name) for Jobs and ConfigMaps and (namespace, label value of the FineTuneJob) for Pods. kopf
+    fills them from its own list+watch of label-selected objects, drops an object on its DELETED event, and runs
+    no other handler before every index has had its initial listing, so once `ready` is set an absent key means
+    no such labelled object."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self._jobs: Any = None
+        self._configmaps: Any = None
+        self._pods: Any = None
+
+    def bind(self, jobs: Any, configmaps: Any, pods: Any) -> None:
+        self._jobs, self._configmaps, self._pods = jobs, configmaps, pods
+
+    def usable(self) -> bool:
+        return self.ready.is_set() and self._jobs is not None
+
+    @staticmethod
+    def _one(index: Any, key: tuple[str, str]) -> dict[str, Any] | None:
+        store = index.get(key)
+        if not store:
+            return None
+        # One name, one live object; two only while a DELETED event is on its way: the newest.
+        return max(_values(store), key=lambda o: o["metadata"].get("creationTimestamp") or "")
+
+    def job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._one(self._jobs, (namespace, name))
+
+    def configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._one(self._configmaps, (namespace, name))
+
+    def pods(self, namespace: str, label_value: str) -> list[dict[str, Any]]:
+        store = self._pods.get((namespace, label_value))
+        return _values(store) if store else []
+
+
 class KubeApi:
     def __init__(self, api_client: client.ApiClient | None = None):
         self.api_client = api_client or client.ApiClient()
@@ -32,6 +95,15 @@ class KubeApi:
         self.batch = client.BatchV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
         self._features: ServerFeatures | None = None
+        self.cache: WatchCache | None = None
+        # Reads by (what, "cache" | "api"): the operator metrics' kubesloth_operator_reads_total.
+        self.reads: Counter[tuple[str, str]] = Counter()
+        # (namespace, name) -> resourceVersion of the FineTuneJob the operator's last status patch returned.
+        self._written: dict[tuple[str, str], str] = {}
+        self._written_guard = threading.Lock()
+
+    def cached(self) -> bool:
+        return self.cache is not None and self.cache.usable()
 
     def server_features(self) -> ServerFeatures:
         """What the API server's version allows (GET /version, read once and kept; an upgrade of the control plane
@@ -55,9 +127,11 @@ class KubeApi:
 
     # FineTuneJobs
     def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads["finetunejob", "api"] += 1
         return self._or_none(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
 
     def list_ftjs(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        self.reads["finetunejob list", "api"] += 1
         if namespace:
             data = _json(self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                                    _preload_content=False))
@@ -65,9 +139,20 @@ class KubeApi:
             data = _json(self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _preload_content=False))
         return data.get("items", [])
 
-    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name,
-                                                          {"status": status}, _preload_content=False)
+    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """The patched FineTuneJob; its resourceVersion is kept for `take_written_version`."""
+        written = _json(self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _preload_content=False))
+        version = (written.get("metadata") or {}).get("resourceVersion")
+        if version:
+            with self._written_guard:
+                self._written[namespace, name] = version
+        return written
+
+    def take_written_version(self, namespace: str, name: str) -> str | None:
+        """The resourceVersion of the last status patch of this FineTuneJob since the last call (then forgotten)."""
+        with self._written_guard:
+            return self._written.pop((namespace, name), None)
 
     def delete_ftj(self, namespace: str, name: str, uid: str) -> None:
         body = client.V1DeleteOptions(propagation_policy="Background", preconditions=client.V1Preconditions(uid=uid))
@@ -79,7 +164,11 @@ class KubeApi:
                 raise
 
     # Jobs, Pods, ConfigMaps
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def get_job(self, namespace: str, name: str, fresh: bool = False) -> dict[str, Any] | None:
+        if not fresh and self.cached():
+            self.reads["job", "cache"] += 1
+            return self.cache.job(namespace, name)
+        self.reads["job", "api"] += 1
         return self._or_none(self.batch.read_namespaced_job, name, namespace)
 
     def create_job(self, body: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
@@ -109,10 +198,30 @@ class KubeApi:
                 raise
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        self.reads["pods", "api"] += 1
         data = _json(self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False))
         return data.get("items", [])
 
-    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def pods_of(self, namespace: str, label_value: str, ftj_name: str, controller_uid: str | None = None
+                ) -> list[dict[str, Any]]:
+        """The trainer pods of one FineTuneJob: those of the Job with `controller_uid` (every version labels its
+        pods `controller-uid`), else every pod labelled and annotated for the FineTuneJob (a Job being deleted)."""
+        if self.cached():
+            self.reads["pods", "cache"] += 1
+            pods = self.cache.pods(namespace, label_value)
+        elif controller_uid:
+            return self.list_pods(namespace, f"controller-uid={controller_uid}")
+        else:
+            pods = self.list_pods(namespace, f"{LABEL_FTJ}={label_value}")
+        if controller_uid:
+            return [p for p in pods if (p["metadata"].get("labels") or {}).get("controller-uid") == controller_uid]
+        return [p for p in pods if (p["metadata"].get("annotations") or {}).get(ANNOTATION_FTJ) == ftj_name]
+
+    def get_configmap(self, namespace: str, name: str, fresh: bool = False) -> dict[str, Any] | None:
+        if not fresh and self.cached():
+            self.reads["configmap", "cache"] += 1
+            return self.cache.configmap(namespace, name)
+        self.reads["configmap", "api"] += 1
         return self._or_none(self.core.read_namespaced_config_map, name, namespace)
 
     def create_configmap(self, body: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:

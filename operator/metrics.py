@@ -3,6 +3,9 @@
 Fleet: `kubesloth_finetunejobs{phase}` (every phase always present, 0 when empty), `kubesloth_reconcile_total{result}`,
 `kubesloth_reconcile_duration_seconds`, `kubesloth_job_failures_total{namespace,reason}` (jobs that ended Failed),
 `kubesloth_trainer_failures_total{namespace,reason}` (every failed trainer attempt, retried or not).
+Resync: `kubesloth_resync_duration_seconds` (histogram of full passes), `kubesloth_resync_finetunejobs` (how many the
+last pass reconciled), `kubesloth_operator_reads_total{object,source}` (reads of FineTuneJobs, Jobs, ConfigMaps and
+Pods from the watch `cache` or the `api` server).
 Per job (labels `namespace`, `finetunejob`), only while the job is not finished — a Succeeded, Failed or deleted
 job's series disappear: `kubesloth_job_restarts`, `kubesloth_job_cost_dollars`,
 `kubesloth_job_gpu_memory_capacity_bytes`; and only while it is Running: `kubesloth_job_progress_ratio`,
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -159,6 +162,16 @@ class OperatorMetrics:
         self.trainer_failures = Counter("kubesloth_trainer_failures", "Failed trainer attempts (pods), retried or "
                                         "not, by namespace and reason (OutOfMemory, TrainerError, ...).",
                                         ["namespace", "reason"], registry=self.registry)
+        self.resync_seconds = Histogram("kubesloth_resync_duration_seconds", "Time one full resync pass took (list "
+                                        "the FineTuneJobs, reconcile each).",
+                                        buckets=(.1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120),
+                                        registry=self.registry)
+        self.resync_objects = Gauge("kubesloth_resync_finetunejobs", "FineTuneJobs the last resync pass reconciled.",
+                                    registry=self.registry)
+        self.reads = Counter("kubesloth_operator_reads", "Reads by the reconcile, by object and source (cache = "
+                             "the watch cache, api = the API server).", ["object", "source"],
+                             registry=self.registry)
+        self._reads_seen: dict[tuple[str, str], int] = {}
         self.registry.register(_JobCollector(self))
 
     # --- reconciles -------------------------------------------------------------------------------------------
@@ -214,6 +227,25 @@ class OperatorMetrics:
         """The job was deleted: drop all its series."""
         with self._lock:
             self._jobs.pop((namespace, name), None)
+
+    def retain(self, keys: set[tuple[str, str]], listed_at: float) -> int:
+        """Drop the series of jobs not in `keys` (a list of the FineTuneJobs started at `listed_at`, on this
+        metrics' clock) and not observed since; returns how many went."""
+        with self._lock:
+            gone = [key for key, job in self._jobs.items() if key not in keys and job.seen < listed_at]
+            for key in gone:
+                del self._jobs[key]
+        return len(gone)
+
+    def observe_resync(self, count: int, seconds: float, reads: Mapping[tuple[str, str], int] | None = None) -> None:
+        """One full resync pass; `reads`: the API wrapper's running totals of reads (KubeApi.reads)."""
+        self.resync_seconds.observe(seconds)
+        self.resync_objects.set(count)
+        for (what, source), total in list((reads or {}).items()):
+            added = total - self._reads_seen.get((what, source), 0)
+            if added > 0:
+                self.reads.labels(what, source).inc(added)
+                self._reads_seen[what, source] = total
 
     def _live_jobs(self) -> dict[tuple[str, str], _Job]:
         cutoff = self.clock() - self.stale_after_seconds

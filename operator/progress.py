@@ -420,6 +420,17 @@ class BackgroundScraper:
             reading = self._readings.get(key)
         return reading if reading is not None and now - reading.read_at_monotonic <= self.max_age else None
 
+    def prune(self) -> int:
+        """Forget readings older than `max_age` (their pods stopped or went); `latest` does it too, but is only
+        called while some pod runs. Returns how many went."""
+        with self._guard:
+            now = time.monotonic()
+            old = [k for k, r in self._readings.items()
+                   if now - r.read_at_monotonic > self.max_age and k not in self._in_flight]
+            for key in old:
+                del self._readings[key]
+        return len(old)
+
     def _scrape(self, key: str, read: Callable[[], TrainerSample]) -> None:
         sample, error = None, None
         try:

@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
@@ -63,29 +64,79 @@ class Reconciler:
         self.enrichers = list(enrichers or [])
         self.observers = list(observers or [])
         self.clock = clock or (lambda: datetime.now(timezone.utc))
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        # (namespace, name) -> [lock, holders and waiters]: an entry lives only while a reconcile uses it.
+        self._locks: dict[tuple[str, str], list] = {}
         self._locks_guard = threading.Lock()
+        # (namespace, name) -> resourceVersion of the FineTuneJob as the last reconcile left it: a listed body with
+        # the same version is what a GET would return (the resync then reads none).
+        self._versions: dict[tuple[str, str], str] = {}
+        # (namespace, name) -> time.monotonic() of its last reconcile (`retain` spares what is newer than a list)
+        self._touched: dict[tuple[str, str], float] = {}
         # (namespace, name) -> (generation, failures, monotonic time of the next try) of refused child creations
         self._backoff: dict[tuple[str, str], tuple[Any, int, float]] = {}
         # (namespace, name) -> ((uid, generation), Estimate): the plan of the generation last seen
         self._estimates: dict[tuple[str, str], tuple[tuple[Any, Any], Estimate]] = {}
 
-    def _lock(self, namespace: str, name: str) -> threading.Lock:
+    @contextmanager
+    def _lock(self, namespace: str, name: str):
+        """The FineTuneJob's lock, held for the block; the entry goes when its last user leaves (so 1000 deleted
+        FineTuneJobs leave no 1000 locks behind, and a waiter always waits on the lock its holder holds)."""
+        key = (namespace, name)
         with self._locks_guard:
-            return self._locks.setdefault((namespace, name), threading.Lock())
+            entry = self._locks.get(key)
+            if entry is None:
+                entry = self._locks[key] = [threading.Lock(), 0]
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._locks_guard:
+                entry[1] -= 1
+                if entry[1] == 0 and self._locks.get(key) is entry:
+                    del self._locks[key]
 
-    def reconcile(self, namespace: str, name: str) -> Outcome:
+    def forget(self, namespace: str, name: str) -> None:
+        """The FineTuneJob is gone: drop what was kept for it (plan, backoff, version)."""
+        key = (namespace, name)
+        for kept in (self._estimates, self._backoff, self._versions, self._touched):
+            kept.pop(key, None)
+
+    def retain(self, keys: set[tuple[str, str]], listed_at: float) -> int:
+        """Forget every FineTuneJob not in `keys` (a list started at time.monotonic() `listed_at`) and not
+        reconciled since: deleted while no event reached us. Returns how many were forgotten."""
+        gone = [key for key, at in list(self._touched.items()) if key not in keys and at < listed_at]
+        gone += [key for kept in (self._estimates, self._backoff, self._versions) for key in list(kept)
+                 if key not in keys and key not in self._touched]
+        for key in set(gone):
+            self.forget(*key)
+        return len(set(gone))
+
+    def reconcile(self, namespace: str, name: str, listed: dict[str, Any] | None = None) -> Outcome:
+        """`listed`: the FineTuneJob as a list just returned it (the resync); used instead of a GET when its
+        resourceVersion is the one the last reconcile left (nothing changed it since), else read fresh."""
         started = time.monotonic()
         ftj: dict[str, Any] | None = None
         result = "error"
+        key = (namespace, name)
         try:
             with self._lock(namespace, name):
-                ftj = self.api.get_ftj(namespace, name)
+                version = (listed or {}).get("metadata", {}).get("resourceVersion")
+                if version is not None and version == self._versions.get(key):
+                    ftj = listed
+                else:
+                    ftj = self.api.get_ftj(namespace, name)
                 if ftj is None or ftj["metadata"].get("deletionTimestamp"):
                     result = "gone"
-                    self._estimates.pop((namespace, name), None)
+                    self.forget(namespace, name)
                     return Outcome()
-                outcome = self._reconcile(ftj)
+                self._touched[key] = time.monotonic()
+                self.api.take_written_version(namespace, name)
+                try:
+                    outcome = self._reconcile(ftj)
+                finally:
+                    written = self.api.take_written_version(namespace, name)
+                    self._versions[key] = written or ftj["metadata"].get("resourceVersion")
                 result = "requeue" if outcome.retry_after else "ok"
                 return outcome
         finally:
@@ -106,6 +157,12 @@ class Reconciler:
 
         job = self.api.get_job(namespace, builders.job_name(name))
         configmap = self.api.get_configmap(namespace, builders.configmap_name(name))
+        if (job is None and self.api.cached() and not (ftj.get("spec") or {}).get("suspend")
+                and old.get("phase") not in FINISHED_PHASES):
+            # A Job may be created: the watch cache holds only our labelled children and may lag our own writes
+            # by a moment; the API server says for sure what has the children's names.
+            job = self.api.get_job(namespace, builders.job_name(name), fresh=True)
+            configmap = self.api.get_configmap(namespace, builders.configmap_name(name), fresh=True)
         for child in (job, configmap):
             if child is not None and not _owned_by(child, ftj):
                 return self._blocked(ftj, now, "NameConflict", (
@@ -144,7 +201,7 @@ class Reconciler:
                 if job is not None and not job["metadata"].get("deletionTimestamp"):
                     self.api.delete_job(namespace, job["metadata"]["name"], job["metadata"]["uid"])
                     outcome.actions.append("deleted Job (suspend)")
-                    job = self.api.get_job(namespace, builders.job_name(name))
+                    job = self.api.get_job(namespace, builders.job_name(name), fresh=True)
             elif job is None:
                 refusal = builders.image_refusal(effective["spec"], self.settings)
                 if refusal:
@@ -156,16 +213,14 @@ class Reconciler:
                 refused = self._create_children(ftj, effective, configmap, run_started, job_body, now, outcome)
                 if refused is not None:
                     return refused
-                job = self.api.get_job(namespace, job_body["metadata"]["name"])
+                job = self.api.get_job(namespace, job_body["metadata"]["name"], fresh=True)
             elif job["metadata"].get("deletionTimestamp"):
                 # Resumed while the suspended Job's pod is still stopping: create the new Job once it is gone.
                 outcome.retry_after = 1.0
 
-        if job is not None and not job["metadata"].get("deletionTimestamp"):
-            pods = self.api.list_pods(namespace, f"controller-uid={job['metadata']['uid']}")
-        else:
-            pods = self.api.list_pods(namespace, f"{builders.LABEL_FTJ}={builders.label_value(name)}")
-            pods = [p for p in pods if (p["metadata"].get("annotations") or {}).get(builders.ANNOTATION_FTJ) == name]
+        live_job = job is not None and not job["metadata"].get("deletionTimestamp")
+        pods = self.api.pods_of(namespace, builders.label_value(name), name,
+                                job["metadata"]["uid"] if live_job else None)
         live = {**ftj, "spec": effective["spec"]}
         new_status = status_mod.derive_status(live, job, pods, now, changed)
         if planned is not None:
@@ -312,9 +367,9 @@ class Reconciler:
                             if err.status != 409:  # 409: exists (an earlier attempt's answer was lost)
                                 raise
                     elif call is self.api.create_job:
-                        self._create(call, body, self.api.get_job)
+                        self._create(call, body, lambda ns, n: self.api.get_job(ns, n, fresh=True))
                     elif call is self.api.create_configmap:
-                        self._create(call, body, self.api.get_configmap)
+                        self._create(call, body, lambda ns, n: self.api.get_configmap(ns, n, fresh=True))
                     else:
                         call(body)
                     if not dry_run:

@@ -69,7 +69,6 @@ def hyperparameters(spec: FineTuneJobSpec, plan: Optional[Plan], on_gpu: bool) -
     else:
         chosen = {name: (getattr(training, name) if getattr(training, name) is not None else default)
                   for name, default in CUSTOM_DEFAULTS.items()}
-        chosen = {k: str(v) if isinstance(v, str) or hasattr(v, "value") else v for k, v in chosen.items()}
     if not on_gpu:
         optimizer = CPU_OPTIMIZER_MAP.get(chosen["optimizer"])
         if optimizer:

@@ -285,7 +285,7 @@ NAMESPACED_RULES = {
     ("kubesloth.io", "finetunejobs/status"): {"patch"},
     ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
-    ("", "configmaps"): {"create", "get", "update"},
+    ("", "configmaps"): {"create", "get", "update", "list", "watch"},
     ("", "events"): {"create"},
 }
 CLUSTER_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}

@@ -73,10 +73,11 @@ the calls in operator/kube.py plus kopf's own (watch, annotations patch, warning
   - apiGroups: [""]
     resources: [pods]
     verbs: [list, watch]
-  # The FineTuneJob spec the trainer pod mounts (update: rewritten while no run has started from it).
+  # The FineTuneJob spec the trainer pod mounts (update: rewritten while no run has started from it; list/watch:
+  # the operator's watch cache, label-selected to its own).
   - apiGroups: [""]
     resources: [configmaps]
-    verbs: [create, get, update]
+    verbs: [create, get, update, list, watch]
   - apiGroups: [""]
     resources: [events]
     verbs: [create]

@@ -1,16 +1,17 @@
 # Two images from one file:
 #   operator: slim Python + kubesloth[operator] (kopf, kubernetes, prometheus-client; no torch)
 #     docker build --target operator -t kubesloth-operator .
-#   trainer:  a CUDA PyTorch devel base + kubesloth[trainer,gpu] (transformers, trl, unsloth 2026.10.9)
+#   trainer:  Python 3.11 + gcc + exactly requirements/trainer.lock (CUDA 13.0 torch from PyPI with the NVIDIA
+#             runtime wheels, transformers, trl, unsloth 2026.10.9) + kubesloth
 #     docker build --target trainer -t kubesloth-trainer .
-# BASE / TRAINER_BASE swap the base images (a mirror, a digest, or a local Debian base as
-# hack/build-operator-image.sh does without a Docker daemon). Both images run as a non-root numeric user so the
-# chart's runAsNonRoot holds without a name lookup.
+# BASE / TRAINER_BASE swap the base images (a mirror, a digest, or a local Debian base as hack/build-*-image.sh do
+# without a Docker daemon). Both images run as a non-root numeric user so the chart's runAsNonRoot holds without a
+# name lookup.
 
 ARG BASE=docker.io/library/python:3.11.14-slim-bookworm
-# The stack the GPU benchmarks ran on (torch 2.11 + CUDA 13.0, triton 3.6); unsloth 2026.10.9 allows torch
-# >=2.4,<2.15 and transformers needs >=2.5, so any CUDA 12/13 devel tag in that range works. Its torch is kept.
-ARG TRAINER_BASE=docker.io/pytorch/pytorch:2.11.0-cuda13.0-cudnn9-devel
+# The trainer's base: any Debian-family Python 3.11 with its headers (torch, CUDA and everything else come from
+# requirements/trainer.lock).
+ARG TRAINER_BASE=docker.io/library/python:3.11.14-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------------------------
 # Operator: install into a virtualenv in a build stage, copy only the virtualenv into the final stage.
@@ -49,13 +50,30 @@ EXPOSE 8080 9090
 ENTRYPOINT ["kubesloth", "operator"]
 
 # ---------------------------------------------------------------------------------------------------------------
-# Trainer: the CUDA PyTorch image already holds torch, CUDA and a compiler toolchain (Triton/inductor need it).
+# Trainer: no CUDA base image. The CUDA user-space libraries come as PyPI wheels with torch (nvidia-*, pinned in
+# requirements/trainer.lock); the driver (libcuda) comes from the node (the NVIDIA container toolkit mounts it).
+# The base needs Python 3.11 with its headers and a C compiler: Triton compiles its CUDA launcher (a Python
+# extension) with gcc at run time, so gcc + libc6-dev + Python.h are the only toolchain kept. hack/build-trainer-
+# image.sh passes a Debian bookworm base with python3-dev + gcc made by mmdebstrap; the default (python:slim, which
+# has the headers) gets gcc from Debian here.
 FROM ${TRAINER_BASE} AS trainer
 ARG PIP_CERT
+# Extra package indexes holding the same files as PyPI (a local mirror); the lock's hashes decide what is installed.
+ARG PIP_EXTRA_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# The base's own Debian suite decides the compiler's version (pinning a point release breaks on the next one).
+# hadolint ignore=DL3008
+RUN if ! command -v gcc >/dev/null || [ ! -e /usr/include/stdio.h ]; then \
+        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -c "import os, sysconfig; h = sysconfig.get_paths()['include'] + '/Python.h'; \
+assert os.path.exists(h), 'TRAINER_BASE lacks ' + h + ' (python3-dev): Triton compiles its launcher against it'"
+COPY requirements/trainer.lock /tmp/trainer.lock
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY api ./api
@@ -63,35 +81,36 @@ COPY kubesloth ./kubesloth
 COPY operator ./operator
 COPY planner ./planner
 COPY trainer ./trainer
-# Compile caches (Unsloth's generated kernels, inductor, Triton) and the Hugging Face cache live under one
-# directory the pod mounts a volume at, so a restarted pod starts warm; the operator may point them elsewhere.
-ENV KUBESLOTH_CACHE_DIR=/var/cache/kubesloth \
+# Compile caches (Unsloth's generated kernels, inductor, Triton) and the Hugging Face cache live under the one
+# directory the pod mounts a volume at (api/contract.py CACHE_DIR; the operator sets the same, operator/builders.py
+# CACHE_ENV), so a restarted pod starts warm and nothing writes into the image (the pod's root is read-only).
+ENV PATH=/opt/kubesloth/bin:$PATH \
+    KUBESLOTH_CACHE_DIR=/var/cache/kubesloth \
     UNSLOTH_COMPILE_LOCATION=/var/cache/kubesloth/unsloth_compiled_cache \
     TORCHINDUCTOR_CACHE_DIR=/var/cache/kubesloth/torchinductor \
     TRITON_CACHE_DIR=/var/cache/kubesloth/triton \
     HF_HOME=/var/cache/kubesloth/huggingface \
+    XDG_CACHE_HOME=/var/cache/kubesloth/xdg \
+    MPLCONFIGDIR=/tmp/matplotlib \
     HOME=/tmp
 WORKDIR /
-# Unsloth's declared dependencies pull xformers, diffusers, torchao, ... and, through them, possibly another torch.
-# Full fine-tuning needs none of those (seen on the H200: ../shared/docs/unsloth-on-h200.md). So, in one layer:
-#  1. the trainer extra and what Unsloth imports (peft, cut_cross_entropy) with their dependencies, under a
-#     constraint that keeps the base image's own CUDA torch/triton;
-#  2. the gpu extra (unsloth, unsloth_zoo, bitsandbytes, nvidia-ml-py; pins read from pyproject.toml) without
-#     dependencies;
-#  3. `import unsloth` proves the set is complete (without a GPU it falls back to CPU instead of failing; checked
-#     on a CPU machine with torch 2.13: this exact set imports);
-#  4. the sources, and whatever the import check left in the caches, go.
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN python -m pip freeze | grep -E '^(torch|torchvision|torchaudio|triton)==' > /tmp/keep-base.txt \
-    && python -m pip install --no-cache-dir --constraint /tmp/keep-base.txt "/src[trainer]" \
-        "peft==0.21.2" "cut_cross_entropy==25.1.1" \
-    && python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu'], sep='\n')" > /tmp/gpu.txt \
-    && python -m pip install --no-cache-dir --no-deps --requirement /tmp/gpu.txt \
+# In one layer (install from /, not /src: a cwd holding `operator/` would shadow the standard library's module):
+#  1. exactly the lock: every package pinned and hashed, no resolver (--no-deps), so what Unsloth declares but full
+#     fine-tuning never uses (torchvision, xformers, diffusers, torchao: requirements/trainer.in) stays out;
+#  2. kubesloth itself, without dependencies (they are all in the lock) and with the lock's setuptools;
+#  3. Unsloth Studio (the wheel's top-level studio/: a web UI, 26 MB; `import unsloth` never touches it) goes;
+#  4. `import unsloth` and the trainer import (without a GPU Unsloth falls back to CPU), then pip (the image
+#     installs nothing at run time), the sources and what the import wrote to the caches go.
+RUN python3 -m venv /opt/kubesloth \
+    && pip install --no-deps --require-hashes --only-binary=:all: --requirement /tmp/trainer.lock \
+    && pip install --no-deps --no-build-isolation /src \
+    && site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
+    && rm -rf "$site/studio" \
     && python -c "import unsloth, kubesloth.trainer" \
-    && rm -rf /src /tmp/keep-base.txt /tmp/gpu.txt /var/cache/kubesloth
-RUN mkdir -p /var/cache/kubesloth/unsloth_compiled_cache /var/cache/kubesloth/torchinductor \
-        /var/cache/kubesloth/triton /var/cache/kubesloth/huggingface \
-    && chown -R 1000:1000 /var/cache/kubesloth
+    && python -m pip uninstall --yes --quiet pip \
+    && rm -rf /src /tmp/trainer.lock /tmp/* /var/cache/kubesloth \
+    && mkdir -p /var/cache/kubesloth \
+    && chown 1000:1000 /var/cache/kubesloth
 VOLUME ["/var/cache/kubesloth"]
 USER 1000:1000
 EXPOSE 9400

@@ -33,6 +33,11 @@ for d in api trainer operator planner; do ln -sfn "$PWD/$d" $shim/$d; done
 export PYTHONSAFEPATH=1 PYTHONPATH=/tmp/shim:/tmp/site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee $res/gpu.txt
+# The package set against requirements/trainer.lock (hack/check_lock.py): what .whl/ installed, and the image's
+# transformers, must be the lock's versions; torch and triton come from the H200's image (2.11.0+cu130 / 3.6.0 where
+# the lock has the trainer image's CUDA build): printed and recorded in versions.json, not failed (docs/benchmarks.md).
+python3 hack/check_lock.py --require "$(ls .whl/*.whl | xargs -n1 basename | cut -d- -f1 | paste -sd, -),transformers" \
+  --known-differ torch,triton --json $res/versions.json || exit 1
 python3 -c "import kubesloth.trainer.engines.fused" || exit 1
 echo "setup: ${SECONDS}s"
 

@@ -79,10 +79,12 @@ def test_two_targets_non_root_with_swappable_bases():
     installs = " ".join(stages["operator-build"])
     assert '"/src[operator]"' in installs and "trainer" not in re.findall(r'"/src\[(.*?)\]"', installs)[0]
     trainer_run = " ".join(trainer)
-    assert '--constraint /tmp/keep-base.txt "/src[trainer]"' in trainer_run, "the base image's CUDA torch is kept"
-    # The gpu extra's pins come from pyproject.toml (one source), installed without Unsloth's optional stack.
-    assert "['optional-dependencies']['gpu']" in trainer_run and "--no-deps --requirement /tmp/gpu.txt" in trainer_run
-    assert 'import unsloth' in trainer_run
+    # Exactly the lock (pinned, hashed, no resolver), then kubesloth without dependencies; Unsloth Studio removed.
+    assert "COPY requirements/trainer.lock /tmp/trainer.lock" in trainer_run
+    assert "pip install --no-deps --require-hashes --only-binary=:all: --requirement /tmp/trainer.lock" in trainer_run
+    assert "pip install --no-deps --no-build-isolation /src" in trainer_run
+    assert 'rm -rf "$site/studio"' in trainer_run and 'import unsloth' in trainer_run
+    assert "python -m pip uninstall --yes --quiet pip" in trainer_run, "the image installs nothing at run time"
 
 
 def test_trainer_compile_caches_are_on_a_mountable_path():
@@ -90,7 +92,7 @@ def test_trainer_compile_caches_are_on_a_mountable_path():
     env = " ".join(line for line in trainer if line.upper().startswith("ENV "))
     volume = _last(trainer, "VOLUME")
     cache_root = re.search(r'"(/[^"]+)"', volume).group(1)
-    for name in ("UNSLOTH_COMPILE_LOCATION", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+    for name in ("UNSLOTH_COMPILE_LOCATION", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "HF_HOME", "XDG_CACHE_HOME"):
         match = re.search(rf"{name}=(\S+)", env)
         assert match and match.group(1).startswith(cache_root + "/"), f"{name} not under the volume {cache_root}"
 
@@ -100,7 +102,8 @@ def test_dockerignore_lets_in_only_the_package_sources():
              if line and not line.startswith("#")]
     assert lines[0] == "*", "exclude everything first"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "api", "kubesloth", "operator", "planner", "trainer"}
+    assert allowed == {"pyproject.toml", "README.md", "requirements/trainer.lock", "api", "kubesloth", "operator",
+                       "planner", "trainer"}
     # Everything the Dockerfile copies is allowed in.
     copied = set(re.findall(r"^COPY (?!--from)(\S+)", DOCKERFILE.read_text(), re.MULTILINE))
     assert copied <= allowed | {"pyproject.toml", "README.md"}, copied - allowed

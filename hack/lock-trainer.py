@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Resolves pyproject.toml's trainer and gpu extras and requirements/trainer.in into requirements/trainer.lock: every package of the trainer image, pinned,
+with its sha256 (the image installs it with --require-hashes --no-deps, so nothing else gets in).
+
+    python3 hack/lock-trainer.py            # rewrites requirements/trainer.lock (needs PyPI; ~1 minute)
+
+unsloth and unsloth_zoo are resolved without their dependencies: this adds every requirement they declare (caps and
+exclusions included: transformers<=5.17.0, trl<=1.15.0, datasets!=4.4.*, torch<2.15, ...) except the names
+trainer.in marks `exclude:` (torchvision, xformers, diffusers, torchao), then lets pip resolve the rest. The lock is
+for Linux x86_64, CPython 3.11 (the image's Debian bookworm python3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+IN = ROOT / "requirements" / "trainer.in"
+LOCK = ROOT / "requirements" / "trainer.lock"
+NO_DEPS = ("unsloth", "unsloth-zoo")
+ENV = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "python_version": "3.11",
+       "python_full_version": "3.11.2", "implementation_name": "cpython", "os_name": "posix", "extra": ""}
+
+
+def read_in() -> tuple[list[Requirement], set[str]]:
+    """pyproject.toml's trainer and gpu extras, then trainer.in's lines (pip combines specifiers of one name)."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    requirements = [Requirement(text) for text in extras["trainer"] + extras["gpu"]]
+    excluded = set()
+    for line in IN.read_text().splitlines():
+        match = re.match(r"#\s*exclude:\s*(\S+)", line)
+        if match:
+            excluded.add(canonicalize_name(match.group(1)))
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirements.append(Requirement(line))
+    return requirements, excluded
+
+
+def pip(*args: str) -> None:
+    # Never from the repo root: its operator/ would shadow the standard library.
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True, cwd=tempfile.gettempdir())
+
+
+def main() -> None:
+    requirements, excluded = read_in()
+    direct = [r for r in requirements if canonicalize_name(r.name) not in NO_DEPS]
+    # A name twice (pyproject's range, trainer.in's pin): pip download wants each once.
+    no_deps = [r for r in requirements if canonicalize_name(r.name) in NO_DEPS]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        merged: dict[str, Requirement] = {}
+        for req in no_deps:
+            key = canonicalize_name(req.name)
+            if key in merged:
+                merged[key].specifier &= req.specifier
+            else:
+                merged[key] = req
+        pip("download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(tmp / "w"), *map(str, merged.values()))
+        pinned: dict[str, tuple[str, str]] = {}
+        added: list[str] = []
+        for wheel in sorted((tmp / "w").glob("*.whl")):
+            name, version = wheel.name.split("-")[:2]
+            pinned[canonicalize_name(name)] = (version, hashlib.sha256(wheel.read_bytes()).hexdigest())
+            metadata = subprocess.run(["unzip", "-p", str(wheel), "*.dist-info/METADATA"], check=True,
+                                      capture_output=True, text=True).stdout
+            for line in metadata.splitlines():
+                if not line.startswith("Requires-Dist:"):
+                    continue
+                req = Requirement(line.split(":", 1)[1].strip())
+                if req.marker and not req.marker.evaluate(ENV):
+                    continue
+                if canonicalize_name(req.name) in excluded | set(NO_DEPS):
+                    continue
+                req.marker = None
+                added.append(str(req))
+        spec = tmp / "resolve.txt"
+        spec.write_text("\n".join([*map(str, direct), *added]) + "\n")
+        pip("install", "-q", "--dry-run", "--ignore-installed", "--only-binary=:all:", "--report",
+            str(tmp / "report.json"), "-r", str(spec))
+        report = json.loads((tmp / "report.json").read_text())
+    for item in report["install"]:
+        name = canonicalize_name(item["metadata"]["name"])
+        hashes = item["download_info"].get("archive_info", {}).get("hashes", {})
+        digest = hashes.get("sha256") or item["download_info"]["archive_info"]["hash"].split("=", 1)[1]
+        pinned[name] = (item["metadata"]["version"], digest)
+    leaked = excluded & pinned.keys()
+    assert not leaked, f"excluded packages resolved anyway (something else requires them): {sorted(leaked)}"
+    lines = [
+        "# The trainer image's complete package set, generated by `python3 hack/lock-trainer.py` from pyproject.toml",
+        "# (trainer, gpu extras) and requirements/trainer.in; do not edit by hand. Linux x86_64, CPython 3.11. The",
+        "# Dockerfile's trainer target installs exactly this (pip --require-hashes --no-deps); hack/check_lock.py",
+        "# compares it with what is installed: in the image (tests/chart/test_trainer_image.py) and on the H200",
+        "# (bench/h200.sh).",
+    ]
+    lines += [f"{name}=={version} --hash=sha256:{digest}" for name, (version, digest) in sorted(pinned.items())]
+    LOCK.write_text("\n".join(lines) + "\n")
+    print(f"{LOCK.relative_to(ROOT)}: {len(pinned)} packages")
+
+
+if __name__ == "__main__":
+    main()

@@ -54,6 +54,15 @@ QUALIFIED_NAME_PATTERN = rf"^(({_DNS_SUBDOMAIN}/)?{_QUALIFIED_NAME})?$"  # empty
 QUALIFIED_NAME_LENGTHS = r"^(([^/]{1,253}/)?[^/]{1,63})?$"
 QUALIFIED_NAME_MAX = 253 + 1 + 63
 CONFIG_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+# spec.dataset: a datasets config name (the hub's `configs:` names, e.g. 20231101.en) and dataDir, a relative path
+# inside the source without `..` segments.
+DATASET_CONFIG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"
+_REL_SEGMENT = r"(\.?[^\s/.][^\s/]*|\.\.[^\s/]+)"
+DATA_DIR_PATTERN = rf"^{_REL_SEGMENT}(/{_REL_SEGMENT})*/?$"
+# spec.output.pushToHub.repository: ORG/NAME, a hub repo id (huggingface_hub validate_repo_id: <= 96).
+HUB_REPO_PATTERN = rf"^{_HF_PART}/{_HF_PART}$"
+# The env var the operator sets from spec.output.pushToHub.tokenSecretRef (never logged).
+HUB_PUSH_TOKEN_ENV = "KUBESLOTH_HUB_PUSH_TOKEN"
 # Integer bounds. Counts and seconds: int32 (Kubernetes' own Job.spec.ttlSecondsAfterFinished is an int32;
 # activeDeadlineSeconds and tolerationSeconds become a Go time.Duration of nanoseconds in the Job controller and
 # the taint manager, which overflows above 9223372036 s and fires at once; Python's datetime + timedelta
@@ -131,6 +140,12 @@ class LRScheduler(str, enum.Enum):
     polynomial = "polynomial"
 
 
+class Tracker(str, enum.Enum):
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
 class Phase(str, enum.Enum):
     Pending = "Pending"
     Queued = "Queued"
@@ -170,8 +185,11 @@ class ModelSpec(_Model):
 
 class DatasetSpec(_Model):
     source: Annotated[str, Field(
-        description="Where the data is: hf://ORG/NAME, pvc://CLAIM/path, s3://bucket/prefix or file:///path "
-                    "(a .jsonl, .json or .parquet file, or a directory of them).",
+        description="Where the data is: hf://ORG/NAME[@revision] (only the split's files are downloaded), "
+                    "pvc://CLAIM/path, s3://bucket/prefix (needs the trainer's s3 extra) or file:///path: a "
+                    ".jsonl, .json, .parquet or .csv file (optionally .gz, .bz2, .xz, .zst or .lz4 compressed), or a "
+                    "directory of them (files naming the split are that split, as datasets.load_dataset reads "
+                    "them).",
         pattern=SOURCE_PATTERN)]
     split: Annotated[str, Field(description="Dataset split to train on.", min_length=1)] = "train"
     format: Annotated[DatasetFormat, Field(
@@ -182,7 +200,15 @@ class DatasetSpec(_Model):
     packing: Annotated[bool, Field(
         description="Pack several short examples into one sequence (padding-free, examples kept apart).")] = False
     max_samples: Annotated[Optional[int], Field(
-        description="Use only the first N records (smoke tests, demos).", ge=1, le=INT32_MAX)] = None
+        description="Use only the first N records (smoke tests, demos); an hf:// or s3:// source is then "
+                    "streamed and only those records are read.", ge=1, le=INT32_MAX)] = None
+    config: Annotated[Optional[str], Field(
+        description="The dataset's configuration (subset) name, for hf:// datasets with several (e.g. "
+                    "20231101.en) and local dataset repos with `configs` in their README.",
+        max_length=128, pattern=DATASET_CONFIG_PATTERN)] = None
+    data_dir: Annotated[Optional[str], Field(
+        description="A directory inside the source to read the data files from (relative, no `..`).",
+        max_length=1024, pattern=DATA_DIR_PATTERN)] = None
 
 
 class TrainingSpec(_Model):
@@ -223,6 +249,30 @@ class TrainingSpec(_Model):
                                ge=0, le=SEED_MAX)] = 3407
     logging_steps: Annotated[int, Field(description="Log and publish progress every N steps.", ge=1,
                                         le=INT32_MAX)] = 1
+    report_to: Annotated[Optional[list[Tracker]], Field(
+        description="Experiment trackers that get every logging step (loss, learning rate, tokens/s, grad norm, "
+                    "memory): tensorboard (event files under <destination>/tensorboard/), wandb, mlflow (their "
+                    "own WANDB_*/MLFLOW_* env vars; the package must be in the trainer image or the run is "
+                    "refused at start). Each at most once; default none.",
+        max_length=3)] = None
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique_trackers(cls, value: Optional[list]) -> Optional[list]:
+        names = [str(getattr(v, "value", v)) for v in value or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each tracker at most once: {names}")
+        return value
+
+
+class PushToHubSpec(_Model):
+    repository: Annotated[str, Field(description="The model repository, ORG/NAME (created if missing).",
+                                     max_length=96, pattern=HUB_REPO_PATTERN)]
+    token_secret_ref: Annotated[SecretKeyRef, Field(
+        description="Secret holding a Hugging Face token with write access; passed to the pod as an env var, "
+                    "never copied into the ConfigMap, status, events or logs.")]
+    private: Annotated[bool, Field(description="Create the repository private (an existing one keeps its "
+                                               "visibility).")] = True
 
 
 class OutputSpec(_Model):
@@ -234,6 +284,9 @@ class OutputSpec(_Model):
         description="Write a resumable checkpoint every N optimizer steps.", ge=1, le=INT32_MAX)] = 200
     checkpoints_to_keep: Annotated[int, Field(description="Newest checkpoints kept; older ones are deleted.",
                                               ge=1, le=100)] = 2
+    push_to_hub: Annotated[Optional[PushToHubSpec], Field(
+        description="Upload the verified model (and its model card) to a Hugging Face Hub model repository "
+                    "after the save.")] = None
 
 
 class ResourcesSpec(_Model):

@@ -15,7 +15,7 @@ import yaml
 
 from kubesloth.api import contract
 from kubesloth.api.contract import Env
-from kubesloth.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
+from kubesloth.api.v1alpha1 import API_VERSION, HUB_PUSH_TOKEN_ENV, KIND, FineTuneJob
 
 from .settings import OperatorSettings, ServerFeatures
 
@@ -263,6 +263,11 @@ def _env(ftj: dict[str, Any], spec: dict[str, Any], settings: OperatorSettings) 
     if token:
         env.append({"name": Env.HF_TOKEN.value,
                     "valueFrom": {"secretKeyRef": {"name": token["name"], "key": token.get("key", "token")}}})
+    push = (spec.get("output") or {}).get("pushToHub") or {}
+    if push.get("tokenSecretRef"):  # the trainer's hub upload (trainer/save.py push_to_hub)
+        ref = push["tokenSecretRef"]
+        env.append({"name": HUB_PUSH_TOKEN_ENV,
+                    "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref.get("key", "token")}}})
     taken = {item["name"] for item in env}
     env.extend({"name": key, "value": value} for key, value in sorted(settings.extra_env.items())
                if key not in taken)

@@ -138,3 +138,173 @@ class ProgressLog(Callback):
 
     def on_checkpoint(self, step, path):
         self._print(f"checkpoint step {step} -> {path}")
+
+
+# --- experiment tracking (spec.training.reportTo) ---------------------------------------------------------------
+# One callback for every engine: the HF engines' Bridge and the fused loop both drive the callback bus, so the
+# trackers see the same step events as the progress line and the metrics (HF's own report_to stays "none").
+TRACKER_PACKAGES = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
+TENSORBOARD_DIR = "tensorboard"
+TRACKING_STATE = "tracking.json"  # run ids, so a resumed pod continues the same wandb/mlflow run
+
+
+def tracker_names(report_to) -> list[str]:
+    return [str(getattr(name, "value", name)) for name in report_to or []]
+
+
+def check_trackers(report_to) -> None:
+    """At config time: every tracker's package is importable, else a bad config naming what to install."""
+    import importlib.util
+
+    from kubesloth.trainer.errors import BadConfig
+
+    for name in tracker_names(report_to):
+        package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            raise BadConfig(f"spec.training.reportTo: {name} needs the Python package {package!r}, which is not "
+                            f"installed in this trainer image (add it to the image, or drop {name} from "
+                            f"reportTo)")
+
+
+def step_scalars(event: StepEvent) -> dict[str, float]:
+    scalars = {"train/loss": event.loss, "train/learning_rate": event.learning_rate,
+               "train/epoch": event.epoch, "train/tokens_total": float(event.tokens_total),
+               "train/tokens_per_second": event.tokens_per_second}
+    if event.grad_norm is not None:
+        scalars["train/grad_norm"] = event.grad_norm
+    for key, value in event.memory.items():
+        if isinstance(value, (int, float)):
+            scalars[f"memory/{key}_bytes"] = float(value)
+    return {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+class Trackers(Callback):
+    """Step events -> TensorBoard (tensorboardX event files under <destination>/tensorboard/), Weights & Biases
+    and MLflow, each configured by its own environment (WANDB_MODE/WANDB_PROJECT/WANDB_API_KEY, MLFLOW_TRACKING_URI,
+    MLFLOW_EXPERIMENT_NAME). A tracker that fails mid-run is logged and dropped: tracking never fails training."""
+
+    def __init__(self, report_to, destination, run_name: str, config: dict, log=print):
+        from pathlib import Path
+
+        self.names = tracker_names(report_to)
+        self.destination = Path(destination)
+        self.run_name = run_name
+        self.config = config
+        self.log = log
+        self.tb = None
+        self.wandb = None
+        self.mlflow = None
+
+    def _state(self) -> dict:
+        import json
+        try:
+            return json.loads((self.destination / TRACKING_STATE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self, state: dict) -> None:
+        import json
+        import os
+        path = self.destination / TRACKING_STATE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def _drop(self, name: str, exc: BaseException) -> None:
+        self.log(f"WARNING tracking: {name} failed ({type(exc).__name__}: {str(exc)[:200]}); it is turned off "
+                 f"for the rest of the run")
+        setattr(self, {"tensorboard": "tb"}.get(name, name), None)
+
+    def on_train_start(self, event: StartEvent) -> None:
+        state = self._state()
+        if "tensorboard" in self.names:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(logdir=str(self.destination / TENSORBOARD_DIR), flush_secs=10)
+            self.tb.add_text("run/config", "```\n" + __import__("json").dumps(self.config, indent=2,
+                                                                                default=str) + "\n```",
+                             global_step=event.start_step)
+            self.log(f"tracking: tensorboard event files in {self.destination / TENSORBOARD_DIR}")
+        if "wandb" in self.names:
+            try:
+                import wandb
+                import os
+                import uuid
+                run_id = state.get("wandb_id") or uuid.uuid4().hex[:12]
+                self.wandb = wandb.init(id=run_id, resume="allow", name=self.run_name, config=self.config,
+                                        dir=os.environ.get("WANDB_DIR") or str(self.destination),
+                                        reinit="create_new")
+                state["wandb_id"] = run_id
+                self.log(f"tracking: wandb run {run_id} (mode {self.wandb.settings.mode})")
+            except Exception as exc:
+                self._drop("wandb", exc)
+        if "mlflow" in self.names:
+            try:
+                import mlflow
+                run = mlflow.start_run(run_id=state.get("mlflow_run_id"),
+                                       run_name=None if state.get("mlflow_run_id") else self.run_name)
+                if not state.get("mlflow_run_id"):
+                    mlflow.log_params(_flat(self.config))
+                state["mlflow_run_id"] = run.info.run_id
+                self.mlflow = mlflow
+                self.log(f"tracking: mlflow run {run.info.run_id} at {mlflow.get_tracking_uri()}")
+            except Exception as exc:
+                self._drop("mlflow", exc)
+        if {"wandb_id", "mlflow_run_id"} & state.keys():
+            self._save_state(state)
+
+    def on_step(self, event: StepEvent) -> None:
+        scalars = step_scalars(event)
+        if self.tb is not None:
+            try:
+                for key, value in scalars.items():
+                    self.tb.add_scalar(key, value, global_step=event.step)
+            except Exception as exc:
+                self._drop("tensorboard", exc)
+        if self.wandb is not None:
+            try:
+                self.wandb.log(scalars, step=event.step)
+            except Exception as exc:
+                self._drop("wandb", exc)
+        if self.mlflow is not None:
+            try:
+                self.mlflow.log_metrics({k.replace("/", "."): v for k, v in scalars.items()}, step=event.step)
+            except Exception as exc:
+                self._drop("mlflow", exc)
+
+    def on_train_end(self, summary: dict) -> None:
+        final = {f"summary/{key}": float(summary[key]) for key in
+                 ("final_loss", "tokens", "train_seconds", "tokens_per_second", "steady_tokens_per_second")
+                 if isinstance(summary.get(key), (int, float)) and math.isfinite(summary[key])}
+        if self.tb is not None:
+            for key, value in final.items():
+                self.tb.add_scalar(key, value, global_step=summary.get("steps") or 0)
+        if self.wandb is not None:
+            self.wandb.summary.update({k.split("/", 1)[1]: v for k, v in final.items()})
+            if summary.get("data_warnings"):
+                self.wandb.summary["data_warnings"] = summary["data_warnings"]
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k.replace("/", "."): v for k, v in final.items()})
+        self.close()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+            self.mlflow = None
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, str]:
+    """Nested hyperparameters -> MLflow params (strings, <= 6000 characters each)."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = str(value)[:6000]
+    return out

@@ -1,18 +1,23 @@
 """Dataset loading, formatting and tokenization, shared by every engine (HF Trainer based or a manual loop).
 
-Records come from .jsonl/.json/.parquet files; each is rendered to text by its format (alpaca, chat, text),
-tokenized, truncated to maxSeqLength, and optionally packed. The loss is on all tokens of an example (prompt
+Records come from datasets.load_dataset (a hub repo, local/PVC files or directories of json/jsonl/parquet/csv,
+compressed or not, s3:// through fsspec); each is rendered to text by its format (alpaca, chat, text),
+tokenized, truncated to maxSeqLength, and optionally packed. Rows mostly truncated, empty or nearly token-free are
+warned about (DataStats, data_warnings). The loss is on all tokens of an example (prompt
 included) for every format: simple, and what the classic alpaca recipes did.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from kubesloth.trainer.errors import BadConfig, SourceNotFound
+from kubesloth.api.contract import Env
+from kubesloth.trainer.errors import BadConfig, SourceNotFound, TrainerFailure
+from kubesloth.trainer.sources import is_compressed
 
 IGNORE_INDEX = -100
 
@@ -27,48 +32,128 @@ ALPACA_NO_INPUT = (
 )
 
 
-def read_records(files: Sequence[Path], max_samples: Optional[int] = None) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
-    for path in files:
-        try:
-            if path.suffix == ".parquet":
-                import pyarrow.parquet as pq
-                records.extend(pq.read_table(path).to_pylist())
-            elif path.suffix == ".jsonl":
-                with path.open() as handle:
-                    for number, line in enumerate(handle, 1):
-                        if line.strip():
-                            try:
-                                records.append(json.loads(line))
-                            except json.JSONDecodeError as exc:
-                                raise BadConfig(f"spec.dataset.source: {path.name} line {number} is not JSON: "
-                                                f"{exc.msg}") from None
-            else:
-                doc = json.loads(path.read_text())
-                if isinstance(doc, dict):  # {"train": [...]} or {"data": [...]}
-                    doc = next((v for v in doc.values() if isinstance(v, list)), None)
-                if not isinstance(doc, list):
-                    raise BadConfig(f"spec.dataset.source: {path.name} must hold a JSON list of records")
-                records.extend(doc)
-        except (BadConfig, SourceNotFound):
-            raise
-        except json.JSONDecodeError as exc:
-            raise BadConfig(f"spec.dataset.source: {path.name} is not JSON: {exc.msg}") from None
-        except OSError as exc:
-            raise SourceNotFound(f"spec.dataset.source: {path} cannot be read: {exc.strerror or exc}") from None
-        except Exception as exc:  # e.g. pyarrow's ArrowInvalid on a broken parquet file
-            raise BadConfig(f"spec.dataset.source: {path.name} cannot be parsed: {type(exc).__name__}: {exc}"
-                            ) from None
-        if max_samples and len(records) >= max_samples:
-            break
-    records = records[:max_samples] if max_samples else records
+def _quiet_datasets() -> None:
+    from datasets.utils import logging as ds_logging
+    ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity_error()
+
+
+def _load_error(source: Any, exc: BaseException) -> TrainerFailure:
+    """A datasets/hub exception -> our exit code and a message naming the field."""
+    from datasets.exceptions import DataFilesNotFoundError, DatasetGenerationError, DatasetNotFoundError
+
+    what = f"spec.dataset.source: {source.uri}"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, DatasetGenerationError):
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}" if cause else text
+        return BadConfig(f"{what} cannot be parsed: {detail}")
+    if isinstance(exc, (DatasetNotFoundError, DataFilesNotFoundError, FileNotFoundError)):
+        return SourceNotFound(f"{what} not found: {text[:400]}")
+    if isinstance(exc, ConnectionError):
+        offline = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("HF_DATASETS_OFFLINE", "")
+        return SourceNotFound(f"{what} is not in the local datasets cache and the hub cannot be reached "
+                              f"(offline: HF_HUB_OFFLINE={offline!r}): {text[:300]}")
+    if isinstance(exc, ValueError) and ("split" in text.lower() or "config" in text.lower()):
+        field_name = "spec.dataset.split" if "split" in text.lower() else "spec.dataset.config"
+        return BadConfig(f"{field_name}: {text[:400]} (source {source.uri})")
+    if isinstance(exc, OSError):
+        return SourceNotFound(f"{what} cannot be read: {type(exc).__name__}: {text[:300]}")
+    return BadConfig(f"{what} cannot be loaded: {type(exc).__name__}: {text[:300]}")
+
+
+def _split_files(source: Any, common: dict) -> Optional[dict]:
+    """Only the requested split's data files (load_dataset alone prepares every split: a broken test file failed a
+    train run, and a hub repo was downloaded whole). None where datasets reads no files (its offline cache)."""
+    from datasets import load_dataset_builder
+
+    builder = load_dataset_builder(source.path, **common)
+    files = builder.config.data_files
+    if not files:
+        return None
+    if source.split not in files:
+        raise BadConfig(f"spec.dataset.split: {source.split!r} is not a split of {source.uri} (it has: "
+                        f"{', '.join(map(str, files))})")
+    # Relative to where load_dataset resolves them (the hub's hf://datasets/ORG/NAME@commit, a local directory;
+    # below dataDir when set).
+    base = (builder.base_path or "").rstrip("/")
+    bases = ([f"{base}/{source.data_dir.strip('/')}"] if source.data_dir and base else []) + ([base] if base else [])
+
+    def relative(name: str) -> str:
+        for prefix in bases:
+            if name.startswith(prefix + "/"):
+                return name[len(prefix) + 1:]
+        return name
+
+    return {source.split: [relative(f) for f in files[source.split]]}
+
+
+def load_records(source: Any, max_samples: Optional[int] = None) -> list[dict[str, Any]]:
+    """The records of a dataset source (sources.DatasetSource) through datasets.load_dataset. With maxSamples, a
+    remote source (hf://, s3://) is streamed and only the first N records are read."""
+    if source.records is not None and source.records_limit == max_samples:
+        return source.records
+    import datasets
+
+    _quiet_datasets()
+    token = os.environ.get(Env.HF_TOKEN.value) or None
+    common: dict[str, Any] = {}
+    if source.scheme == "hf":
+        common.update(token=token, revision=source.revision)
+    if source.config:
+        common["name"] = source.config
+    if source.data_dir:
+        common["data_dir"] = source.data_dir
+    try:
+        if source.data_files is not None:  # a builder name and its files
+            common.update(data_files={source.split: list(source.data_files)}, **source.builder_kwargs)
+        else:
+            files = _split_files(source, common)
+            if files is not None:
+                common["data_files"] = files
+        compressed = any(is_compressed(str(f)) for f in (common.get("data_files") or {}).get(source.split, []))
+        offline = bool(datasets.config.HF_HUB_OFFLINE)
+        # datasets cannot stream compressed files from s3 (it hands s3fs aiohttp's client options).
+        stream = bool(max_samples) and source.remote and not offline and not (compressed and source.scheme == "s3")
+        loaded = datasets.load_dataset(source.path, split=source.split, streaming=stream, **common)
+        if stream:
+            records = list(loaded.take(max_samples))
+        else:
+            if max_samples:
+                loaded = loaded.select(range(min(max_samples, len(loaded))))
+            records = list(loaded)
+    except TrainerFailure:
+        raise
+    except Exception as exc:  # datasets' and the hub's errors, fsspec's, pyarrow's
+        raise _load_error(source, exc) from None
     if not records:
         raise BadConfig("spec.dataset.source: the dataset has no records")
+    source.records, source.records_limit = records, max_samples
     return records
 
 
+def read_records(files: Any, max_samples: Optional[int] = None) -> list[dict[str, Any]]:
+    """Records of local files (a list of paths, read as one split) or of a DatasetSource."""
+    from kubesloth.trainer.sources import resolve_dataset
+
+    if not isinstance(files, (list, tuple)):
+        return load_records(files, max_samples)
+    records: list[dict[str, Any]] = []
+    for path in files:
+        records += load_records(resolve_dataset(f"file://{Path(path).resolve()}"),
+                                max_samples - len(records) if max_samples else None)
+        if max_samples and len(records) >= max_samples:
+            break
+    return records
+
+
+def _missing(value: Any) -> bool:
+    """None, or the NaN a CSV's empty cell becomes."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _need(record: dict, index: int, key: str, fmt: str, needs: str) -> Any:
-    if not isinstance(record, dict) or record.get(key) is None:
+    if not isinstance(record, dict) or _missing(record.get(key)):
         raise BadConfig(f"spec.dataset.format: record {index} has no field {key!r} (format {fmt} needs {needs})")
     return record[key]
 
@@ -79,7 +164,7 @@ def render(record: dict, index: int, fmt: str, text_field: str, tokenizer: Any) 
         needs = "instruction, output; input optional"
         instruction = _need(record, index, "instruction", fmt, needs)
         output = _need(record, index, "output", fmt, needs)
-        extra = record.get("input") or ""
+        extra = "" if _missing(record.get("input")) else record.get("input")
         template = ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT
         return template.format(instruction=instruction, input=extra, output=output)
     if fmt == "text":
@@ -97,20 +182,72 @@ def render(record: dict, index: int, fmt: str, text_field: str, tokenizer: Any) 
     raise BadConfig(f"spec.dataset.format: {fmt!r} is not one of alpaca, chat, text")
 
 
-def tokenize(texts: Sequence[str], tokenizer: Any, max_seq_length: int, fmt: str) -> list[list[int]]:
+@dataclass
+class DataStats:
+    """What tokenization did to the records: the evidence behind data warnings."""
+
+    records: int = 0
+    examples: int = 0  # kept: two or more tokens
+    empty: int = 0  # dropped: no text, or fewer than two tokens
+    truncated: int = 0  # longer than maxSeqLength before truncation
+    median_tokens: float = 0.0  # per kept example, after truncation
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"records": self.records, "examples": self.examples, "empty": self.empty,
+                "truncated": self.truncated, "median_tokens": self.median_tokens}
+
+
+# A run is warned about (log line + summary.json data_warnings) when most rows are cut or empty, or the rows are
+# so short the model learns next to nothing (a run on 2-token rows trained without a word).
+TRUNCATED_WARN_FRACTION = 0.5
+EMPTY_WARN_FRACTION = 0.5
+MEDIAN_TOKENS_WARN = 8
+
+
+def data_warnings(stats: DataStats, max_seq_length: int, fmt: str) -> list[str]:
+    warnings = []
+    if stats.records and stats.truncated / stats.records > TRUNCATED_WARN_FRACTION:
+        warnings.append(f"{stats.truncated} of {stats.records} examples ({stats.truncated / stats.records:.0%}) "
+                        f"are longer than model.maxSeqLength {max_seq_length} and were truncated: raise "
+                        f"maxSeqLength or shorten the examples")
+    if stats.records and stats.empty / stats.records > EMPTY_WARN_FRACTION:
+        warnings.append(f"{stats.empty} of {stats.records} records ({stats.empty / stats.records:.0%}) are empty "
+                        f"or under two tokens and were dropped: check dataset.format ({fmt}) and textField")
+    if stats.examples and stats.median_tokens < MEDIAN_TOKENS_WARN:
+        warnings.append(f"the median example has {stats.median_tokens:g} tokens (< {MEDIAN_TOKENS_WARN}): the "
+                        f"tokenizer produced almost nothing per row; check dataset.format ({fmt}), textField and "
+                        f"that the tokenizer matches the data")
+    return warnings
+
+
+def tokenize(texts: Sequence[str], tokenizer: Any, max_seq_length: int, fmt: str,
+             stats: Optional[DataStats] = None) -> list[list[int]]:
     """Token ids per example: BOS + text + EOS (a chat template writes its own special tokens)."""
+    stats = stats if stats is not None else DataStats()
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     examples = []
-    for ids in encoded:
+    for text, ids in zip(texts, encoded):
+        stats.records += 1
+        if not text.strip():
+            stats.empty += 1
+            continue
         if fmt != "chat":
             if bos is not None and (not ids or ids[0] != bos):
                 ids = [bos] + ids
             if eos is not None:
                 ids = ids + [eos]
+        if len(ids) > max_seq_length:
+            stats.truncated += 1
         ids = ids[:max_seq_length]
         if len(ids) >= 2:  # a single token has nothing to predict
             examples.append(ids)
+        else:
+            stats.empty += 1
+    stats.examples = len(examples)
+    if examples:
+        import statistics
+        stats.median_tokens = float(statistics.median(len(ids) for ids in examples))
     return examples
 
 
@@ -140,6 +277,8 @@ class TrainingData:
     packing: bool
     examples: int
     tokens: int
+    stats: DataStats = field(default_factory=DataStats)
+    warnings: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -154,15 +293,20 @@ class TrainingData:
         return Dataset.from_list([self[i] for i in range(len(self))])
 
 
-def build_training_data(files: Sequence[Path], *, fmt: str, text_field: str, max_samples: Optional[int],
-                        tokenizer: Any, max_seq_length: int, packing: bool) -> TrainingData:
-    records = read_records(files, max_samples)
+def build_training_data(source: Any, *, fmt: str, text_field: str, max_samples: Optional[int],
+                        tokenizer: Any, max_seq_length: int, packing: bool,
+                        records: Optional[list[dict[str, Any]]] = None) -> TrainingData:
+    """`source`: a sources.DatasetSource or a list of local files (`records` already loaded: used as they are)."""
+    if records is None:
+        records = read_records(source, max_samples)
     texts = [render(record, i, fmt, text_field, tokenizer) for i, record in enumerate(records)]
-    examples = tokenize(texts, tokenizer, max_seq_length, fmt)
+    stats = DataStats()
+    examples = tokenize(texts, tokenizer, max_seq_length, fmt, stats)
     if not examples:
         raise BadConfig("spec.dataset: no example has two or more tokens after tokenization")
     rows = pack(examples, max_seq_length) if packing else [[ids] for ids in examples]
-    return TrainingData(rows=rows, packing=packing, examples=len(examples), tokens=sum(map(len, examples)))
+    return TrainingData(rows=rows, packing=packing, examples=len(examples), tokens=sum(map(len, examples)),
+                        stats=stats, warnings=data_warnings(stats, max_seq_length, fmt))
 
 
 class CausalLMCollator:

@@ -122,7 +122,7 @@ def run(config: Optional[str], stop: threading.Event) -> str:
     """Returns the success message; raises TrainerFailure (or anything) on failure."""
     from kubesloth.trainer.engines import choose_engine, requested_engine, runs_on_gpu
     from kubesloth.trainer.profiles import resolve_run
-    from kubesloth.trainer.save import check_writable, weights_bytes
+    from kubesloth.trainer.save import check_results_config, check_writable, weights_bytes
     from kubesloth.trainer.sources import resolve_dataset, resolve_destination, resolve_model
 
     path = config_path(config)
@@ -131,13 +131,15 @@ def run(config: Optional[str], stop: threading.Event) -> str:
     log(f"config {path}: FineTuneJob {job.metadata.get('namespace', '-')}/{job.metadata.get('name', '-')}")
     requested = requested_engine()
     metrics_port_ok()
+    check_results_config(spec)  # reportTo packages installed, a pushToHub token
     destination = resolve_destination(spec.output.destination)
     check_writable(destination)
     model_path = resolve_model(spec.model.source)
-    dataset_files = resolve_dataset(spec.dataset.source, spec.dataset.split)
+    dataset_files = resolve_dataset(spec.dataset)  # a sources.DatasetSource; its records are read here, before torch
+    from kubesloth.trainer.data import load_records
+    records = load_records(dataset_files, spec.dataset.max_samples)
     check_writable(destination, need_bytes=weights_bytes(model_path))
-    log(f"model {model_path}; dataset {', '.join(map(str, dataset_files[:3]))}"
-        f"{' ...' if len(dataset_files) > 3 else ''}; output {destination}")
+    log(f"model {model_path}; dataset {dataset_files}: {len(records)} records; output {destination}")
     if stop.is_set():
         raise Interrupted("stopped before training started; nothing new to checkpoint; resumable")
 

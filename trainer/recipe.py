@@ -17,7 +17,8 @@ from kubesloth.trainer.memory import DeviceMonitor, snapshot
 from kubesloth.trainer.metrics import TrainingMetrics, metrics_from_env
 from kubesloth.planner import Plan
 from kubesloth.trainer.profiles import Hyperparameters
-from kubesloth.trainer.save import SavedModel, save_final_model, write_summary
+from kubesloth.trainer.errors import OutputUnwritable
+from kubesloth.trainer.save import SavedModel, push_to_hub, save_final_model, write_model_card, write_summary
 
 
 class RunState(Callback):
@@ -86,6 +87,12 @@ class Recipe:
         meta = self.job.metadata or {}
         self.metrics = metrics_from_env(meta.get("namespace", ""), meta.get("name", ""), self.monitor)
         callbacks = CallbackList([ProgressLog(), self.metrics, self.run_state])
+        if spec.training.report_to:  # experiment trackers: the same step events, every engine
+            from kubesloth.trainer.callbacks import Trackers
+            self.trackers = Trackers(spec.training.report_to, self.destination, meta.get("name") or "kubesloth",
+                                     {"hyperparameters": self.hp.as_dict(), "model": spec.model.source,
+                                      "dataset": spec.dataset.source, "engine": self.engine_name}, log=self.log)
+            callbacks.callbacks.append(self.trackers)
         self.ctx = RunContext(job=self.job, hp=self.hp, model_path=self.model_path,
                               dataset_files=self.dataset_files, destination=self.destination,
                               checkpoints=checkpoints, resume_from=resume_from, callbacks=callbacks,
@@ -109,6 +116,16 @@ class Recipe:
                   else ""))
         self.log(f"saved {saved.files} files ({saved.bytes / 2**20:.1f} MiB) to {saved.path}: {check}")
         summary = self.summary(result, saved)
+        summary["model_card"] = str(write_model_card(saved.path, self.job, summary))
+        self.log(f"model card {summary['model_card']}")
+        push = self.job.spec.output.push_to_hub
+        if push is not None:
+            try:
+                summary["pushed_to_hub"] = push_to_hub(saved.path, push, self.log)
+            except OutputUnwritable as exc:
+                summary["pushed_to_hub"] = {"repository": push.repository, "error": exc.message}
+                write_summary(self.destination, summary)
+                raise
         write_summary(self.destination, summary)
         self.ctx.callbacks.on_train_end(summary)
         return saved, summary
@@ -143,6 +160,9 @@ class Recipe:
                       "tensors_checked": saved.tensors_checked, "max_logit_diff": saved.max_logit_diff},
             "hyperparameters": self.hp.as_dict(),
             "plan": self.plan.summary() if self.plan is not None else None,
+            "data": getattr(self.ctx, "data_stats", None),
+            "data_warnings": list(getattr(self.ctx, "data_warnings", None) or []),
+            "report_to": [str(getattr(t, "value", t)) for t in self.job.spec.training.report_to or []],
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
@@ -157,6 +177,8 @@ class Recipe:
         return ", ".join(parts)
 
     def close(self) -> None:
+        if getattr(self, "trackers", None) is not None:
+            self.trackers.close()  # an interrupted run flushes its event files too
         if self.metrics:
             self.metrics.shutdown()
         if self.monitor:

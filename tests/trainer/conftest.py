@@ -18,7 +18,7 @@ import yaml
 from kubesloth.local.cluster import REPO_ROOT
 
 ALPACA_TINY = REPO_ROOT / "examples" / "data" / "alpaca-tiny.jsonl"
-STEP_LINE = re.compile(r"^\[trainer\] step (\d+)/(\d+) loss ([0-9.]+|nan) lr ([0-9.e+-]+) ")
+STEP_LINE = re.compile(r"^(?:\S+ )?\[trainer\] step (\d+)/(\d+) loss ([0-9.]+|nan) lr ([0-9.e+-]+) ")
 
 BASE_SPEC: dict[str, Any] = {
     "model": {"maxSeqLength": 128},
@@ -62,6 +62,8 @@ def trainer_env(directory: Path, **extra: str) -> dict[str, str]:
     env.update({"KUBESLOTH_ENGINE": "cpu", "KUBESLOTH_METRICS_PORT": "0", "CUDA_VISIBLE_DEVICES": "",
                 "KUBESLOTH_TERMINATION_LOG": str(directory / "termination-log"),
                 "KUBESLOTH_PVC_ROOT": str(directory / "pvc"), "HF_HUB_OFFLINE": "1",
+                # datasets' arrow cache of the job's files: per test, not the machine's ~/.cache.
+                "HF_DATASETS_CACHE": str(directory / "hf-datasets"),
                 "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
                 # Tiny model: threads buy nothing and contend with the rest of a parallel test run.
                 "OMP_NUM_THREADS": "1"})

@@ -4,6 +4,7 @@ the termination log (the operator reads it); checks before training, so these fa
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -48,6 +49,10 @@ def case(tmp_path, tiny_model, kind):
         return config, env, ExitCode.SOURCE_NOT_FOUND, ["hf://acme/private-model", "not in the local"]
     if kind == "s3-without-extra":
         config = write_job(tmp_path, tiny_model, {"dataset": {"source": "s3://bucket-x/data.jsonl"}})
+        hidden = tmp_path / "no-s3fs" / "s3fs"  # an image without the extra, even where s3fs is installed here
+        hidden.mkdir(parents=True)
+        (hidden / "__init__.py").write_text("raise ImportError('s3fs is not installed')\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hidden.parent), os.environ.get("PYTHONPATH")]))
         return config, env, ExitCode.SOURCE_NOT_FOUND, ["spec.dataset.source", "kubesloth[s3]"]
     if kind == "unwritable-output":
         blocker = tmp_path / "a-file"

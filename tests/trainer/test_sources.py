@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from kubesloth.trainer.errors import BadConfig, SourceNotFound
-from kubesloth.trainer.sources import (SourceRef, dataset_files, parse_uri, resolve_dataset, resolve_destination,
+from kubesloth.trainer.sources import (SourceRef, data_builder, parse_uri, resolve_dataset, resolve_destination,
                                        resolve_model)
 
 
@@ -61,13 +61,15 @@ def test_hf_model_from_an_offline_cache(tiny_model, tmp_path, monkeypatch):
         resolve_model("hf://acme/absent")
 
 
-def test_dataset_directory_prefers_the_split(tmp_path):
+def test_dataset_sources(tmp_path):
     (tmp_path / "data").mkdir()
-    for name in ["data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet", "README.md",
-                 ".cache/x.jsonl"]:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("")
-    assert [p.name for p in dataset_files(tmp_path, "train")] == ["train-00000-of-00001.parquet"]
-    assert len(dataset_files(tmp_path, "validation")) == 2  # no file names the split: all of them
+    (tmp_path / "data" / "train.jsonl.gz").write_bytes(b"")
+    (tmp_path / "README.md").write_text("")
+    src = resolve_dataset(f"file://{tmp_path / 'data' / 'train.jsonl.gz'}", "train")
+    assert (src.path, src.data_files, src.split) == ("json", [str(tmp_path / "data" / "train.jsonl.gz")], "train")
+    assert resolve_dataset(f"file://{tmp_path}", "test").path == str(tmp_path)  # a directory: datasets infers
+    assert data_builder("x.CSV") == "csv" and data_builder("a.parquet") == "parquet" and data_builder("b.txt") is None
     with pytest.raises(BadConfig, match="allowed: .jsonl"):
         resolve_dataset(f"file://{tmp_path / 'README.md'}", "train")
+    with pytest.raises(SourceNotFound, match="not found"):
+        resolve_dataset(f"file://{tmp_path / 'absent.jsonl'}", "train")

@@ -36,16 +36,22 @@ class RunContext:
     checkpoint_every: int
     log: Any = print  # log(str): one line to the pod log
     plan: Optional[Plan] = None  # the memory planner's plan (None: a shape the planner does not model)
+    data_stats: Optional[dict] = None  # set by training_data(): records, examples, empty, truncated, median tokens
+    data_warnings: list = field(default_factory=list)
 
     def training_data(self, tokenizer: Any):
         """The job's dataset rendered and tokenized as every engine trains on it (trainer.data)."""
         from kubesloth.trainer.data import build_training_data
 
         spec = self.job.spec
-        return build_training_data(self.dataset_files, fmt=str(spec.dataset.format),
+        data = build_training_data(self.dataset_files, fmt=str(spec.dataset.format),
                                    text_field=spec.dataset.text_field, max_samples=spec.dataset.max_samples,
                                    tokenizer=tokenizer, max_seq_length=self.hp.max_seq_length,
                                    packing=self.hp.packing)
+        self.data_stats, self.data_warnings = data.stats.as_dict(), list(data.warnings)  # for summary.json
+        for warning in data.warnings:
+            self.log(f"WARNING data: {warning}")
+        return data
 
 
 @dataclass

@@ -116,13 +116,25 @@ def openapi_schema() -> dict[str, Any]:
     for name, prop in status["properties"].items():
         if prop.get("type") == "object":
             prop["x-kubernetes-preserve-unknown-fields"] = True
+    # Conditions are a map keyed by type (metav1.Condition's convention: one condition per type; server-side
+    # apply merges them by type). v1.20 accepts list-type map (apiextensions v1, since 1.16).
+    status["properties"]["conditions"].update({"x-kubernetes-list-type": "map",
+                                               "x-kubernetes-list-map-keys": ["type"]})
+    spec.setdefault("description", "What to fine-tune, on what data, where the result goes and what the pod "
+                                   "asks for.")
+    status.setdefault("description", "What the operator observed: phase, conditions, progress, estimate, "
+                                     "checkpoint and output (written by the operator only).")
     return {
         "type": "object",
         "description": api.FineTuneJob.__doc__,
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
+            "apiVersion": {"type": "string", "description": (
+                "APIVersion defines the versioned schema of this representation of an object: "
+                f"{api.API_VERSION}.")},
+            "kind": {"type": "string", "description": f"Kind is the REST resource this object represents: "
+                                                      f"{api.KIND}."},
+            # Nothing but the type: the API server refuses anything else on metadata (it documents ObjectMeta).
             "metadata": {"type": "object"},
             "spec": spec,
             "status": status,

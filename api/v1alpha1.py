@@ -439,12 +439,21 @@ class FineTuneJobSpec(_Model):
 
 
 class Condition(_Model):
+    """One condition in metav1.Condition's shape; observedGeneration: the metadata.generation it was set from."""
+
     model_config = ConfigDict(extra="allow")
-    type: Annotated[str, Field(description="Ready, Running, Succeeded, Failed, Suspended, Fits, SpecLocked…")]
+    type: Annotated[str, Field(description="Running, Succeeded, Failed, Suspended, Fits, SpecLocked, "
+                                           "UnknownFields... (unique in the list: the list's map key).",
+                               min_length=1, max_length=316)]
     status: Annotated[Literal["True", "False", "Unknown"], Field(description="True, False or Unknown.")]
-    reason: Annotated[Optional[str], Field(description="CamelCase reason (e.g. OutOfMemory).")] = None
-    message: Annotated[Optional[str], Field(description="Human-readable detail.")] = None
-    last_transition_time: Annotated[Optional[str], Field(description="When status last changed (RFC 3339).")] = None
+    reason: Annotated[str, Field(description="CamelCase reason for the condition's last transition (e.g. "
+                                             "OutOfMemory).", min_length=1, max_length=1024)]
+    message: Annotated[str, Field(description="Human-readable detail (may be empty).", max_length=32768)]
+    last_transition_time: Annotated[str, Field(description="When status last changed (RFC 3339).",
+                                               min_length=1)]
+    observed_generation: Annotated[Optional[int], Field(
+        description="metadata.generation the condition was set from; older than metadata.generation means "
+                    "the condition is out of date.", ge=0)] = None
 
 
 class Progress(_Model):
@@ -460,6 +469,8 @@ class Progress(_Model):
                     "states), else torch's reserved peak.")] = None
     peak_gpu_memory: Annotated[Optional[str], Field(description="Peak GPU memory, human-readable.")] = None
     eta_seconds: Annotated[Optional[float], Field(description="Estimated seconds to completion.")] = None
+    eta: Annotated[Optional[str], Field(description="etaSeconds, human-readable (kubectl's duration format: "
+                                                    "4m12s, 2h5m), for kubectl get.")] = None
     updated_at: Annotated[Optional[str], Field(description="When progress was last read (RFC 3339).")] = None
 
 
@@ -594,6 +605,7 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.display"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
     {"name": "Tokens/s", "type": "number", "jsonPath": ".status.progress.tokensPerSecond"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
     {"name": "Peak GPU Mem", "type": "string", "jsonPath": ".status.progress.peakGpuMemory"},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -133,6 +133,30 @@ def human_bytes(count: int | float | None) -> Optional[str]:
     raise AssertionError("unreachable")
 
 
+def human_duration(seconds: int | float | None) -> Optional[str]:
+    """kubectl's duration format (HumanDuration, as in its AGE column): 37s, 4m12s, 42m, 2h5m, 30h, 3d4h."""
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    total = max(int(seconds), 0)
+    minutes, hours = total // 60, total // 3600
+    if total < 120:
+        return f"{total}s"
+    if minutes < 10:
+        return f"{minutes}m{total % 60}s" if total % 60 else f"{minutes}m"
+    if minutes < 180:
+        return f"{minutes}m"
+    if hours < 8:
+        return f"{hours}h{minutes % 60}m" if minutes % 60 else f"{hours}h"
+    if hours < 48:
+        return f"{hours}h"
+    days = hours // 24
+    if hours < 24 * 8:
+        return f"{days}d{hours % 24}h" if hours % 24 else f"{days}d"
+    if days < 365 * 2:
+        return f"{days}d"
+    return f"{days // 365}y{days % 365}d" if days < 365 * 8 else f"{days // 365}y"
+
+
 def _finite(value: Optional[float], digits: int) -> Optional[float]:
     return None if value is None else round(value, digits)
 
@@ -179,6 +203,8 @@ def _with_display(progress: dict[str, Any]) -> dict[str, Any]:
         progress["display"] = f"{step}/{total if total is not None else '?'}"
     if peak is not None:
         progress["peakGpuMemory"] = human_bytes(peak)
+    if progress.get("etaSeconds") is not None:
+        progress["eta"] = human_duration(progress["etaSeconds"])
     return progress
 
 

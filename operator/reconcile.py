@@ -294,7 +294,8 @@ class Reconciler:
         estimate = {**(planned.status or {}), "generation": ftj["metadata"].get("generation")}
         if planned.status is None:
             estimate["message"] = planned.condition["message"]
-        conditions = status_mod.merge_conditions(status.get("conditions") or [], [planned.condition], now)
+        conditions = status_mod.merge_conditions(status.get("conditions") or [], [planned.condition], now,
+                                                 ftj["metadata"].get("generation"))
         return {"estimate": estimate, "conditions": conditions}
 
     def _does_not_fit(self, ftj: dict[str, Any], now: datetime, planned: Estimate) -> Outcome:
@@ -306,7 +307,8 @@ class Reconciler:
                   "observedGeneration": ftj["metadata"].get("generation")}
         status.update(self._estimate_status(ftj, planned, {"conditions": status_mod.merge_conditions(
             old.get("conditions") or [], [{"type": "Running", "status": "False", "reason": reason,
-                                           "message": planned.refusal}], now)}, now))
+                                           "message": planned.refusal}], now, ftj["metadata"].get("generation"))},
+            now))
         if _differs(old, status):
             self.api.patch_ftj_status(ftj["metadata"]["namespace"], ftj["metadata"]["name"], status)
         if _condition_reason(old, "Fits") != reason or old.get("message") != planned.refusal:
@@ -323,7 +325,8 @@ class Reconciler:
         conditions = [{"type": "Running", "status": "False", "reason": reason, "message": message}]
         status = {"phase": Phase.Pending.value, "message": message, "observedGeneration":
                   ftj["metadata"].get("generation"),
-                  "conditions": status_mod.merge_conditions(old.get("conditions") or [], conditions, now)}
+                  "conditions": status_mod.merge_conditions(old.get("conditions") or [], conditions, now,
+                                                            ftj["metadata"].get("generation"))}
         if _differs(old, status):
             self.api.patch_ftj_status(ftj["metadata"]["namespace"], ftj["metadata"]["name"], status)
         if _condition_reason(old, "Running") != reason:
@@ -408,7 +411,8 @@ class Reconciler:
                     "message": "every applied field is in the schema"}
         if before and before.get("status") == cond["status"] and before.get("message") == cond["message"]:
             return
-        conditions = status_mod.merge_conditions(old.get("conditions") or [], [cond], now)
+        conditions = status_mod.merge_conditions(old.get("conditions") or [], [cond], now,
+                                                 ftj["metadata"].get("generation"))
         # merge_conditions puts the new one first and keeps the others: keep the original order instead.
         order = [c.get("type") for c in old.get("conditions") or []]
         conditions.sort(key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))

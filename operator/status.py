@@ -311,17 +311,21 @@ def _cond_reason(status: dict[str, Any], kind: str) -> str | None:
 
 
 # --- conditions --------------------------------------------------------------------------------------------------
-def merge_conditions(old: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]], now: datetime
-                     ) -> list[dict[str, Any]]:
+def merge_conditions(old: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]], now: datetime,
+                     generation: int | None = None) -> list[dict[str, Any]]:
     """New conditions, keeping lastTransitionTime where a condition's status did not change; conditions of
-    types this module does not own are kept as they were."""
+    types this module does not own are kept as they were. New ones get metav1.Condition's shape: a message
+    (the reason if none: v1.20's API server refuses an empty string in a required field) and, given the
+    FineTuneJob's `generation`, observedGeneration."""
     previous = {c.get("type"): c for c in old or []}
     merged: list[dict[str, Any]] = []
     new = list(new)
     for cond in new:
         before = previous.get(cond["type"])
         kept = before.get("lastTransitionTime") if before and before.get("status") == cond["status"] else None
-        merged.append({**cond, "lastTransitionTime": kept or rfc3339(now)})
+        merged.append({**cond, "message": cond.get("message") or cond.get("reason") or cond["type"],
+                       "lastTransitionTime": kept or rfc3339(now),
+                       **({"observedGeneration": generation} if generation is not None else {})})
     mine = {c["type"] for c in new}
     merged += [c for c in old or [] if c.get("type") not in mine and c.get("type") not in OWNED_CONDITIONS]
     return merged
@@ -386,7 +390,8 @@ def derive_status(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[di
     status: dict[str, Any] = {
         "phase": phase,
         "message": message,
-        "conditions": merge_conditions(old.get("conditions") or [], conditions, now),
+        "conditions": merge_conditions(old.get("conditions") or [], conditions, now,
+                                       (ftj.get("metadata") or {}).get("generation")),
         "observedGeneration": (ftj.get("metadata") or {}).get("generation"),
     }
     status["jobName"] = job["metadata"]["name"] if job is not None else old.get("jobName")

@@ -112,14 +112,38 @@ def _gib(value: Optional[int]) -> str:
     return f"{value / 2**30:.2f}GiB" if value else "-"
 
 
+LOG_FORMAT_ENV = "KUBESLOTH_LOG_FORMAT"  # json: one JSON object a line (time, level, message, step fields)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+
+
+def emit(line: str, stream=None, level: str = "info", stamp: bool = False, **fields) -> None:
+    """One trainer log line: `[trainer] LINE` (with a UTC time stamp in front when `stamp`), or with
+    KUBESLOTH_LOG_FORMAT=json `{"time", "level", "message", **fields}` on one line."""
+    import json
+    import os
+
+    stream = stream or sys.stdout
+    if os.environ.get(LOG_FORMAT_ENV, "").lower() == "json":
+        record = {"time": _now(), "level": level, "logger": "kubesloth.trainer", "message": line}
+        record.update({k: v for k, v in fields.items() if v is not None and (not isinstance(v, float)
+                                                                           or math.isfinite(v))})
+        print(json.dumps(record), file=stream, flush=True)
+    else:
+        print(f"{_now()} [trainer] {line}" if stamp else f"[trainer] {line}", file=stream, flush=True)
+
+
 class ProgressLog(Callback):
-    """One line per logging step, greppable: `step 12/30 loss 2.3456 lr 3.00e-03 tok/s 1234 mem ...`."""
+    """One line per logging step, greppable: `TIME [trainer] step 12/30 loss 2.3456 lr 3.00e-03 tok/s 1234 mem ...`
+    (KUBESLOTH_LOG_FORMAT=json: a JSON object with the step's numbers)."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
 
-    def _print(self, line: str) -> None:
-        print(f"[trainer] {line}", file=self.stream, flush=True)
+    def _print(self, line: str, **fields) -> None:
+        emit(line, self.stream, **fields)
 
     def on_train_start(self, event):
         resumed = f", resumed at step {event.start_step}" if event.start_step else ""
@@ -134,10 +158,13 @@ class ProgressLog(Callback):
         loss = f"{event.loss:.4f}" if math.isfinite(event.loss) else str(event.loss)
         self._print(f"step {event.step}/{event.total_steps} loss {loss} lr {event.learning_rate:.3e} "
                     f"tok/s {event.tokens_per_second:.0f} epoch {event.epoch:.2f} eta {event.eta_seconds:.0f}s "
-                    f"mem {memory}")
+                    f"mem {memory}", stamp=True, step=event.step, totalSteps=event.total_steps, loss=event.loss,
+                    learningRate=event.learning_rate, tokensPerSecond=round(event.tokens_per_second, 2),
+                    epoch=round(event.epoch, 4), etaSeconds=round(event.eta_seconds, 1),
+                    gradNorm=event.grad_norm, memory=dict(event.memory) or None)
 
     def on_checkpoint(self, step, path):
-        self._print(f"checkpoint step {step} -> {path}")
+        self._print(f"checkpoint step {step} -> {path}", step=step, checkpoint=str(path))
 
 
 # --- experiment tracking (spec.training.reportTo) ---------------------------------------------------------------

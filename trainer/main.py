@@ -29,7 +29,9 @@ DISK_FULL_BELOW_BYTES = 16 * 2**20
 
 
 def log(line: str) -> None:
-    print(f"[trainer] {line}", flush=True)
+    from kubesloth.trainer.callbacks import emit  # `[trainer] LINE`, or JSON with KUBESLOTH_LOG_FORMAT=json
+
+    emit(line)
 
 
 def clean_message(message: str) -> str:

@@ -43,6 +43,8 @@ MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_LINES = 80
 OOM_EXIT = 137
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+# On the Node: the folder holding <namespace>_<pod>_<uid[:8]>/<container>.log for every pod this agent ran.
+POD_LOG_DIR_ANNOTATION = "kubesloth.io/pod-log-dir"
 
 _SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "m": 1e-3}
@@ -181,14 +183,17 @@ class NodeAgent:
     def register(self) -> None:
         from kubernetes.client.exceptions import ApiException
 
+        # No kubelet serves pods/log here: the annotation says where the pods' logs are (`kubesloth logs` reads them).
+        annotations = {POD_LOG_DIR_ANNOTATION: str((self.config.work_dir / "pods").resolve())}
         body = {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": self.config.node_name, "labels": self.node_labels()}}
+                "metadata": {"name": self.config.node_name, "labels": self.node_labels(), "annotations": annotations}}
         try:
             self.core.create_node(body, _preload_content=False)
         except ApiException as err:
             if err.status != 409:
                 raise
-            self.core.patch_node(self.config.node_name, {"metadata": {"labels": self.node_labels()}},
+            self.core.patch_node(self.config.node_name, {"metadata": {"labels": self.node_labels(),
+                                                                      "annotations": annotations}},
                                  _content_type=MERGE, _preload_content=False)
         self.heartbeat(force=True)
         log.info("node %s registered: %d x %s (%s)", self.config.node_name, self.config.gpus, GPU,

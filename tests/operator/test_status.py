@@ -108,7 +108,7 @@ def test_running():
     assert status["phase"] == "Running"
     assert cond(status, "Running") | {"lastTransitionTime": None} == {
         "type": "Running", "status": "True", "reason": "TrainerRunning",
-        "message": "trainer pod run-trainer-abcde is running", "lastTransitionTime": None}
+        "message": "trainer pod run-trainer-abcde is running", "lastTransitionTime": None, "observedGeneration": 4}
     assert cond(status, "Succeeded")["status"] == "False" and cond(status, "Failed")["status"] == "False"
     assert status["startTime"] == "2026-11-29T11:01:00Z"
     assert status["podName"] == "run-trainer-abcde" and status["restarts"] == 0

@@ -116,7 +116,10 @@ class Recipe:
                   else ""))
         self.log(f"saved {saved.files} files ({saved.bytes / 2**20:.1f} MiB) to {saved.path}: {check}")
         summary = self.summary(result, saved)
-        summary["model_card"] = str(write_model_card(saved.path, self.job, summary))
+        card = write_model_card(saved.path, self.job, summary)
+        saved.files, saved.bytes = saved.files + 1, saved.bytes + card.stat().st_size  # status.output counts it
+        summary["model"].update(files=saved.files, bytes=saved.bytes)
+        summary["model_card"] = str(card)
         self.log(f"model card {summary['model_card']}")
         push = self.job.spec.output.push_to_hub
         if push is not None:

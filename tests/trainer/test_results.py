@@ -93,6 +93,9 @@ def test_hub_data_tracking_and_model_card(tiny_model, tmp_path, monkeypatch):
     assert "config `small`" in card.text and "first 24 records" in card.text
     assert "## Hyperparameters" in card.text and "| learning_rate |" in card.text
     assert summary["model_card"] == str(out / "model" / "README.md")
+    files = [p for p in (out / "model").iterdir() if p.is_file()]
+    assert summary["model"]["files"] == len(files) and summary["model"]["bytes"] == sum(p.stat().st_size
+                                                                                        for p in files)
 
 
 def test_two_token_rows_warn_in_the_log_and_summary(tiny_model, tmp_path):

@@ -7,6 +7,7 @@ acting at once, and the FineTuneJob is read fresh inside it (an event's body may
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -72,6 +73,8 @@ class Reconciler:
         self._versions: dict[tuple[str, str], str] = {}
         # (namespace, name) -> time.monotonic() of its last reconcile (`retain` spares what is newer than a list)
         self._touched: dict[tuple[str, str], float] = {}
+        # (namespace, name) -> ((ConfigMap uid, resourceVersion), the started spec parsed from it)
+        self._specs: dict[tuple[str, str], tuple[tuple[Any, Any], Any]] = {}
         # (namespace, name) -> (generation, failures, monotonic time of the next try) of refused child creations
         self._backoff: dict[tuple[str, str], tuple[Any, int, float]] = {}
         # (namespace, name) -> ((uid, generation), Estimate): the plan of the generation last seen
@@ -97,16 +100,28 @@ class Reconciler:
                     del self._locks[key]
 
     def forget(self, namespace: str, name: str) -> None:
-        """The FineTuneJob is gone: drop what was kept for it (plan, backoff, version)."""
+        """The FineTuneJob is gone: drop what was kept for it (plan, backoff, version, parsed started spec)."""
         key = (namespace, name)
-        for kept in (self._estimates, self._backoff, self._versions, self._touched):
+        for kept in (self._estimates, self._backoff, self._versions, self._touched, self._specs):
             kept.pop(key, None)
+
+    def _started_spec(self, namespace: str, name: str, configmap: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The spec in the run's ConfigMap, parsed once per version of it (YAML parsing was a fifth of a
+        reconcile's time in a resync of 1000); a copy, so no caller can change the kept one."""
+        if configmap is None:
+            return None
+        stamp = (configmap["metadata"].get("uid"), configmap["metadata"].get("resourceVersion"))
+        kept = self._specs.get((namespace, name))
+        if kept is None or kept[0] != stamp or stamp[1] is None:
+            kept = (stamp, _spec_in(configmap))
+            self._specs[namespace, name] = kept
+        return copy.deepcopy(kept[1])
 
     def retain(self, keys: set[tuple[str, str]], listed_at: float) -> int:
         """Forget every FineTuneJob not in `keys` (a list started at time.monotonic() `listed_at`) and not
         reconciled since: deleted while no event reached us. Returns how many were forgotten."""
         gone = [key for key, at in list(self._touched.items()) if key not in keys and at < listed_at]
-        gone += [key for kept in (self._estimates, self._backoff, self._versions) for key in list(kept)
+        gone += [key for kept in (self._estimates, self._backoff, self._versions, self._specs) for key in list(kept)
                  if key not in keys and key not in self._touched]
         for key in set(gone):
             self.forget(*key)
@@ -157,12 +172,6 @@ class Reconciler:
 
         job = self.api.get_job(namespace, builders.job_name(name))
         configmap = self.api.get_configmap(namespace, builders.configmap_name(name))
-        if (job is None and self.api.cached() and not (ftj.get("spec") or {}).get("suspend")
-                and old.get("phase") not in FINISHED_PHASES):
-            # A Job may be created: the watch cache holds only our labelled children and may lag our own writes
-            # by a moment; the API server says for sure what has the children's names.
-            job = self.api.get_job(namespace, builders.job_name(name), fresh=True)
-            configmap = self.api.get_configmap(namespace, builders.configmap_name(name), fresh=True)
         for child in (job, configmap):
             if child is not None and not _owned_by(child, ftj):
                 return self._blocked(ftj, now, "NameConflict", (
@@ -180,7 +189,7 @@ class Reconciler:
         # A ConfigMap whose run never started (its Job was refused, or suspended before a pod ran) records nothing:
         # the live spec is used and the ConfigMap rewritten before the next Job.
         run_started = job is not None or bool(old.get("startTime"))
-        started_spec = _spec_in(configmap) if run_started else None
+        started_spec = self._started_spec(namespace, name, configmap) if run_started else None
         self._report_dropped_fields(ftj, now)
         changed = status_mod.spec_changes(started_spec, live_spec)
         effective = dict(ftj)
@@ -210,10 +219,12 @@ class Reconciler:
                 job_body = builders.build_job(
                     effective, self.settings, self.api.server_features(), int(old.get("interruptions") or 0),
                     int(old.get("failures") or 0))
-                refused = self._create_children(ftj, effective, configmap, run_started, job_body, now, outcome)
+                created: dict[str, Any] = {}
+                refused = self._create_children(ftj, effective, configmap, run_started, job_body, now, outcome,
+                                                created)
                 if refused is not None:
                     return refused
-                job = self.api.get_job(namespace, job_body["metadata"]["name"], fresh=True)
+                job = created.get("Job") or self.api.get_job(namespace, job_body["metadata"]["name"], fresh=True)
             elif job["metadata"].get("deletionTimestamp"):
                 # Resumed while the suspended Job's pod is still stopping: create the new Job once it is gone.
                 outcome.retry_after = 1.0
@@ -335,7 +346,8 @@ class Reconciler:
         return Outcome(phase=Phase.Pending.value)
 
     def _create_children(self, ftj: dict[str, Any], effective: dict[str, Any], configmap: dict[str, Any] | None,
-                         run_started: bool, job_body: dict[str, Any], now: datetime, outcome: Outcome) -> Outcome | None:
+                         run_started: bool, job_body: dict[str, Any], now: datetime, outcome: Outcome,
+                         created: dict[str, Any] | None = None) -> Outcome | None:
         """Create the ConfigMap and the Job, or nothing: rules the schema cannot hold are checked first, then both
         objects are created with dryRun=All (validation and admission, nothing stored), and only then for real.
         A refusal is a condition with the API server's message and one Warning event; it is tried again with
@@ -369,8 +381,16 @@ class Reconciler:
                         except ApiException as err:
                             if err.status != 409:  # 409: exists (an earlier attempt's answer was lost)
                                 raise
+                            if self.api.cached():
+                                # The watch cache holds only our labelled children and may lag our own writes:
+                                # what has the name, says the API server.
+                                held = self._exists(kind, body, ftj)
+                                if held is not None:
+                                    return held
                     elif call is self.api.create_job:
-                        self._create(call, body, lambda ns, n: self.api.get_job(ns, n, fresh=True))
+                        made = self._create(call, body, lambda ns, n: self.api.get_job(ns, n, fresh=True))
+                        if created is not None:
+                            created["Job"] = made
                     elif call is self.api.create_configmap:
                         self._create(call, body, lambda ns, n: self.api.get_configmap(ns, n, fresh=True))
                     else:
@@ -439,6 +459,19 @@ class Reconciler:
             outcome.actions.append("deleted FineTuneJob (TTL)")
         else:
             outcome.expires_in = left
+
+    def _exists(self, kind: str, body: dict[str, Any], ftj: dict[str, Any]) -> Outcome | None:
+        """A child the cache did not have exists (a dry-run create said 409): not ours -> NameConflict, nothing
+        created; ours (the watch has not brought it yet) -> stop here and reconcile again in a moment."""
+        meta = body["metadata"]
+        read = self.api.get_job if kind == "Job" else self.api.get_configmap
+        existing = read(meta["namespace"], meta["name"], fresh=True)
+        if existing is None:
+            return None  # gone again since: go on
+        if not _owned_by(existing, ftj):
+            return self._blocked(ftj, self.clock(), "NameConflict", (
+                f"{kind} {meta['name']} already exists and is not owned by this FineTuneJob; delete or rename it"))
+        return Outcome(phase=(ftj.get("status") or {}).get("phase"), retry_after=1.0)
 
     def _create(self, create, body: dict[str, Any], read) -> dict[str, Any]:
         try:

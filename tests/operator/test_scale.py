@@ -79,13 +79,13 @@ def test_a_resync_pass_lists_once_and_reads_no_object_from_the_api(cached, kubec
     assert handlers.resync_pass(reconciler, [namespace]) == 3  # first sight of each: a GET, a status patch
     before = dict(api.reads)
     assert handlers.resync_pass(reconciler, [namespace]) == 3
-    assert _per_object_reads(api, before) == {("finetunejob list", "api"): 1}
+    assert _per_object_reads(api, before) == {("finetunejob_list", "api"): 1}
     assert api.reads[("job", "cache")] - before.get(("job", "cache"), 0) == 3
     # Someone else changes one: its listed body is newer than what the reconcile left, so it is read fresh.
     kubectl("annotate", "ftj", "s1", "-n", namespace, "someone=else")
     before = dict(api.reads)
     handlers.resync_pass(reconciler, [namespace])
-    assert _per_object_reads(api, before) == {("finetunejob list", "api"): 1, ("finetunejob", "api"): 1}
+    assert _per_object_reads(api, before) == {("finetunejob_list", "api"): 1, ("finetunejob", "api"): 1}
 
 
 def test_an_absent_job_in_the_cache_is_checked_with_the_api_before_creating(cached, kubectl, namespace):

@@ -279,6 +279,34 @@ def test_entry_point_refuses_a_checkpoint_of_another_engine(tiny_model_dir, tmp_
     assert "not written by the fused engine" in log
 
 
+def test_cpu_and_fused_engines_load_the_model_through_one_loader(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Both CPU engines take their model from engines/loading.load_transformers: the same class, float32, sdpa,
+    no KV cache (the fused engine asks for checkpointing itself; the cpu engine's Trainer does it from its args)."""
+    from kubesloth.trainer.engines import loading
+    from kubesloth.trainer.main import main
+
+    real, loaded = loading.load_transformers, {}
+
+    def spy(ctx, *args, **kwargs):
+        model, tokenizer = real(ctx, *args, **kwargs)
+        loaded[ctx.job.metadata["name"]] = (type(model), next(model.parameters()).dtype,
+                                            model.config._attn_implementation, model.config.use_cache)
+        return model, tokenizer
+
+    monkeypatch.setattr(loading, "load_transformers", spy)
+    monkeypatch.setenv(Env.METRICS_PORT.value, "0")
+    monkeypatch.setenv(Env.TERMINATION_LOG.value, str(tmp_path / "termination-log"))
+    for engine in ("cpu", "fused"):
+        (tmp_path / engine).mkdir()
+        config = write_job(tmp_path / engine / "job.yaml", tiny_model_dir, tmp_path / engine / "out", maxSteps=1)
+        config.write_text(config.read_text().replace("name: fused-test", f"name: {engine}"))
+        monkeypatch.setenv(Env.ENGINE.value, engine)
+        assert main(["--config", str(config)]) == 0, capsys.readouterr().out
+    assert set(loaded) == {"cpu", "fused"}
+    assert loaded["cpu"] == loaded["fused"]
+    assert loaded["cpu"][1:] == (torch.float32, "sdpa", False)
+
+
 # The layout decisions (placement, layers kept, sequences per step) are the planner's: tests/planner/.
 
 

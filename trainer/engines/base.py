@@ -82,13 +82,50 @@ class Engine(Protocol):
     def train(self) -> TrainResult: ...
 
 
+class TrainerEngine:
+    """The two transformers-Trainer engines (cpu, unsloth): setup() loads the model and hands a Trainer to
+    hf.attach_trainer; train() runs it (hf.run). Importing this imports no transformers (unsloth goes first)."""
+
+    name = ""
+
+    def __init__(self):
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.probe_ids: list[int] = []
+        self._trainer = None
+        self._bridge = None
+        self._ctx = None
+
+    def train(self) -> TrainResult:
+        from kubesloth.trainer.engines import hf
+
+        return hf.run(self._trainer, self._bridge, self._ctx)
+
+
+# --- step arithmetic (every engine) ------------------------------------------------------------------------------
+# A step trains perDeviceBatchSize x gradientAccumulationSteps rows; the last step of an epoch may take fewer. The
+# one difference between engines is how a step takes them: the HF engines run gradientAccumulationSteps
+# micro-batches of perDeviceBatchSize and accumulate; the fused engine (its optimizer steps inside backward) cannot
+# accumulate and runs them as one batch of merge_batch_semantics(...) rows (same token-mean loss, the larger
+# batch's activation memory). Steps per epoch, total steps and warm-up are the same numbers for all:
+# ceil(ceil(rows / batch) / accumulation) == ceil(rows / (batch x accumulation)).
+
+def merge_batch_semantics(per_device_batch_size: int, gradient_accumulation_steps: int) -> int:
+    """Rows one optimizer step trains (the fused engine's batch: accumulation folded into one pass)."""
+    return per_device_batch_size * gradient_accumulation_steps
+
+
+def steps_per_epoch(rows: int, hp: Hyperparameters) -> int:
+    """Optimizer steps in one pass over the rows (the same arithmetic as transformers' Trainer)."""
+    batches = math.ceil(rows / hp.per_device_batch_size)
+    return max(math.ceil(batches / hp.gradient_accumulation_steps), 1)
+
+
 def planned_steps(rows: int, hp: Hyperparameters) -> int:
-    """Optimizer steps the run will take (the same arithmetic as transformers' Trainer)."""
+    """Optimizer steps the run will take: maxSteps, else epochs x steps_per_epoch."""
     if hp.max_steps:
         return hp.max_steps
-    batches = math.ceil(rows / hp.per_device_batch_size)
-    per_epoch = max(math.ceil(batches / hp.gradient_accumulation_steps), 1)
-    return hp.epochs * per_epoch
+    return hp.epochs * steps_per_epoch(rows, hp)
 
 
 def warmup_steps(total: int, ratio: float) -> int:

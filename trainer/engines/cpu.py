@@ -8,47 +8,23 @@ fine-tuning, causal-LM loss) with fewer moving parts. Why not unsloth's CPU fall
 
 from __future__ import annotations
 
-from typing import Any
-
-from kubesloth.trainer.data import CausalLMCollator, ensure_pad_token
+from kubesloth.trainer.data import ensure_pad_token
 from kubesloth.trainer.engines import hf
-from kubesloth.trainer.engines.base import RunContext, TrainResult
+from kubesloth.trainer.engines.base import RunContext, TrainerEngine
+from kubesloth.trainer.engines import loading
 
 
-class CpuEngine:
+class CpuEngine(TrainerEngine):
     name = "cpu"
 
-    def __init__(self):
-        self.model: Any = None
-        self.tokenizer: Any = None
-        self.probe_ids: list[int] = []
-        self._trainer = None
-        self._bridge = None
-        self._ctx = None
-
     def setup(self, ctx: RunContext) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+        from transformers import Trainer, TrainingArguments
 
-        self._ctx = ctx
         hf.quiet_transformers()
-        self.tokenizer = AutoTokenizer.from_pretrained(ctx.model_path, local_files_only=True)
+        # float32, sdpa; activation checkpointing comes from TrainingArguments (hp.gradient_checkpointing).
+        self.model, self.tokenizer = loading.load_transformers(ctx)
         pad_id = ensure_pad_token(self.tokenizer)
-        # float32 on CPU: bf16 matmuls there are slow and lose precision the small tests compare at.
-        self.model = AutoModelForCausalLM.from_pretrained(ctx.model_path, dtype=torch.float32,
-                                                          attn_implementation="sdpa", local_files_only=True)
-        self.model.config.use_cache = False  # packed rows stay apart only without the KV cache
         data = ctx.training_data(self.tokenizer)
         self.probe_ids = data.rows[0][0][:32]
         args = TrainingArguments(**hf.training_arguments(ctx, len(data), use_cpu=True, bf16=False, fp16=False))
-
-        class CpuTrainer(hf.SafeResumeMixin, Trainer):
-            kubesloth_log = staticmethod(ctx.log)
-
-        self._bridge = hf.Bridge(ctx, self.name, rows=len(data), examples=data.examples)
-        self._trainer = CpuTrainer(model=self.model, args=args, train_dataset=data.as_hf_dataset(),
-                                   data_collator=CausalLMCollator(pad_id, ctx.hp.packing),
-                                   processing_class=self.tokenizer, callbacks=[self._bridge])
-
-    def train(self) -> TrainResult:
-        return hf.run(self._trainer, self._bridge, self._ctx)
+        hf.attach_trainer(self, ctx, Trainer, args, data, pad_id)

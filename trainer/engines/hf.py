@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from kubesloth.trainer.callbacks import StartEvent, StepEvent, Throughput
 from kubesloth.trainer.checkpoints import METADATA_FILE
+from kubesloth.trainer.data import CausalLMCollator
 from kubesloth.trainer.engines.base import RunContext, TrainResult, planned_steps, warmup_steps
 from kubesloth.trainer.memory import snapshot
 
@@ -203,6 +204,17 @@ class Bridge(TrainerCallback):
         if self.throughput is not None:
             self.throughput.restart_interval()
         self.ctx.callbacks.on_checkpoint(step, str(self.last_checkpoint.path))
+
+
+def attach_trainer(engine: Any, ctx: RunContext, trainer_base: type, args: Any, data: Any, pad_id: int) -> None:
+    """engine's trainer: `trainer_base` (Trainer, SFTTrainer) with the resume guard, our collator and the Bridge."""
+    trainer_cls = type(f"{engine.name.capitalize()}Trainer", (SafeResumeMixin, trainer_base),
+                       {"kubesloth_log": staticmethod(ctx.log)})
+    engine._ctx = ctx
+    engine._bridge = Bridge(ctx, engine.name, rows=len(data), examples=data.examples)
+    engine._trainer = trainer_cls(model=engine.model, args=args, train_dataset=data.as_hf_dataset(),
+                                  data_collator=CausalLMCollator(pad_id, ctx.hp.packing),
+                                  processing_class=engine.tokenizer, callbacks=[engine._bridge])
 
 
 def quiet_transformers() -> None:

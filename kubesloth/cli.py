@@ -266,9 +266,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         verb = ("configured" if (after.get("metadata") or {}).get("generation")
                 != (before.get("metadata") or {}).get("generation") else "unchanged")
     print(f"finetunejob.{after.get('apiVersion', 'kubesloth.io').split('/')[0]}/{job.name} {verb}", flush=True)
-    if before is not None and not args.replace and outcome(before).done and verb == "unchanged":
-        print(f"(it had already finished {(before.get('status') or {}).get('phase')}; --replace runs it again)",
-              flush=True)
+    if before is not None and not args.replace and outcome(before).done:
+        change = "" if verb == "unchanged" else "; a changed spec does not run it again (SpecLocked)"
+        print(f"(it had already finished {(before.get('status') or {}).get('phase')}{change}; --replace runs it "
+              f"again)", flush=True)
     if args.detach:
         return Exit.SUCCEEDED
     printer = ProgressPrinter(sys.stdout, plain_every=args.plain_every)

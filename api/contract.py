@@ -6,6 +6,7 @@ Both sides import these names; neither hard-codes them. Stdlib only.
 from __future__ import annotations
 
 import enum
+import json
 import re
 from typing import Optional
 
@@ -50,11 +51,13 @@ class ExitCode(enum.IntEnum):
     SOURCE_NOT_FOUND = 3  # model or dataset missing or unreadable (SourceNotFound)
     OUTPUT_UNWRITABLE = 4  # destination unwritable or disk full (OutputUnwritable)
     OUT_OF_MEMORY = 5  # CUDA/host out of memory inside the trainer (OutOfMemory)
-    INTERRUPTED = 6  # SIGTERM/SIGINT after a checkpoint was written: resumable (Interrupted)
+    INTERRUPTED = 6  # SIGTERM/SIGINT after a checkpoint was written (or skipped: no time): resumable (Interrupted)
+    OUTPUT_IN_USE = 7  # the output holds another run's checkpoints/model, or another trainer holds it (OutputInUse)
 
 
 # Exit codes that mean the same input fails again: no retry (podFailurePolicy FailJob; the operator on v1.20).
-DETERMINISTIC_EXIT_CODES = frozenset({ExitCode.BAD_CONFIG, ExitCode.SOURCE_NOT_FOUND, ExitCode.OUTPUT_UNWRITABLE})
+DETERMINISTIC_EXIT_CODES = frozenset({ExitCode.BAD_CONFIG, ExitCode.SOURCE_NOT_FOUND, ExitCode.OUTPUT_UNWRITABLE,
+                                      ExitCode.OUTPUT_IN_USE})
 
 EXIT_REASONS = {
     ExitCode.ERROR: "TrainerError",
@@ -63,6 +66,7 @@ EXIT_REASONS = {
     ExitCode.OUTPUT_UNWRITABLE: "OutputUnwritable",
     ExitCode.OUT_OF_MEMORY: "OutOfMemory",
     ExitCode.INTERRUPTED: "Interrupted",
+    ExitCode.OUTPUT_IN_USE: "OutputInUse",
 }
 
 # Output layout under the destination.
@@ -71,6 +75,8 @@ CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "COMPLETE"
 FINAL_MODEL_DIR = "model"  # safetensors + tokenizer + config, verified by reloading
 SUMMARY_FILE = "summary.json"  # steps, tokens, wall time, tokens/s, peak memory, final loss
+LOCK_FILE = ".kubesloth-lock"  # the writer's lease: holder, pid, host, heartbeat (one trainer writes an output)
+SUPERSEDED_DIR = "superseded"  # onExisting: restart moves another run's checkpoints/model/summary here
 
 # Trainer metrics (labels: namespace, finetunejob).
 METRIC_STEP = "kubesloth_train_step"
@@ -110,3 +116,43 @@ def parse_success_message(message: str) -> Optional[dict]:
     rate = match["rate"]
     return {"step": int(match["step"]), "total_steps": int(match["total"]), "tokens": int(match["tokens"]),
             "tokens_per_second": float(rate) if rate else None, "loss": float(match["loss"])}
+
+
+# Facts the operator writes into status.checkpoint / status.output, appended to the termination message (every
+# exit, success or not) as compact JSON after STATE_MARKER: {"checkpoint": {"step", "path", "time", "bytes"},
+# "interrupt": "written"|"skipped", "lostSteps", "output": {"path", "files", "bytes", "verified"}}. Paths are
+# relative to spec.output.destination. The whole message stays under MAX_TERMINATION_MESSAGE_BYTES (the kubelet
+# keeps 4 KiB; the trainer keeps it under 1 KiB).
+STATE_MARKER = " kubesloth-state="
+MAX_TERMINATION_MESSAGE_BYTES = 1000
+
+
+def with_state(message: str, state: Optional[dict]) -> str:
+    """`message` (cut to fit) + STATE_MARKER + the state as compact JSON, under MAX_TERMINATION_MESSAGE_BYTES."""
+    tail = STATE_MARKER + json.dumps(state, separators=(",", ":"), sort_keys=True) if state else ""
+    room = MAX_TERMINATION_MESSAGE_BYTES - len(tail.encode())
+    if room < 80:  # the state never crowds out the message: drop it instead
+        tail, room = "", MAX_TERMINATION_MESSAGE_BYTES
+    encoded = message.encode()
+    if len(encoded) > room:
+        message = encoded[:room - 3].decode(errors="ignore") + "..."
+    return message + tail
+
+
+def parse_state(message: Optional[str]) -> Optional[dict]:
+    """The state with_state() appended, or None (no state, or a message cut or garbled by someone else)."""
+    at = (message or "").rfind(STATE_MARKER)
+    if at < 0:
+        return None
+    try:
+        state = json.loads(message[at + len(STATE_MARKER):].strip())
+    except ValueError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def strip_state(message: Optional[str]) -> str:
+    """The human part of a termination message."""
+    message = message or ""
+    at = message.rfind(STATE_MARKER)
+    return message[:at].rstrip() if at >= 0 else message

@@ -275,6 +275,12 @@ class PushToHubSpec(_Model):
                                                "visibility).")] = True
 
 
+class OnExisting(str, enum.Enum):
+    refuse = "refuse"
+    resume = "resume"
+    restart = "restart"
+
+
 class OutputSpec(_Model):
     destination: Annotated[str, Field(
         description="Where checkpoints and the final model go: pvc://CLAIM/path (no `..` segments). file:///path "
@@ -284,6 +290,13 @@ class OutputSpec(_Model):
         description="Write a resumable checkpoint every N optimizer steps.", ge=1, le=INT32_MAX)] = 200
     checkpoints_to_keep: Annotated[int, Field(description="Newest checkpoints kept; older ones are deleted.",
                                               ge=1, le=100)] = 2
+    on_existing: Annotated[OnExisting, Field(
+        description="What the trainer does when the destination holds checkpoints or a model of another run (a "
+                    "FineTuneJob deleted and recreated, or another spec: checkpoints record the FineTuneJob's uid "
+                    "and a hash of the fields that change training). refuse: exit with OutputInUse, naming the "
+                    "fields that differ; resume: continue the newest checkpoint when the model shape matches "
+                    "(the way to continue after a delete and recreate); restart: move the old checkpoints, model "
+                    "and summary aside to superseded/ (nothing is deleted) and start fresh.")] = "refuse"
     push_to_hub: Annotated[Optional[PushToHubSpec], Field(
         description="Upload the verified model (and its model card) to a Hugging Face Hub model repository "
                     "after the save.")] = None
@@ -545,7 +558,18 @@ class Estimate(_Model):
 class CheckpointStatus(_Model):
     model_config = ConfigDict(extra="allow")
     step: Annotated[Optional[int], Field(description="Step of the newest complete checkpoint.")] = None
-    path: Annotated[Optional[str], Field(description="Where it is.")] = None
+    path: Annotated[Optional[str], Field(description="Where it is (under spec.output.destination).")] = None
+    time: Annotated[Optional[str], Field(description="When it was marked complete (RFC 3339).")] = None
+    bytes: Annotated[Optional[int], Field(description="Its size on disk.")] = None
+    interrupt_checkpoint: Annotated[Optional[Literal["Written", "Skipped"]], Field(
+        description="The last interruption's checkpoint: Written, or Skipped (it could not finish before the "
+                    "grace period ended; the run resumes from `step`, the steps after it are trained again).")
+    ] = None
+    lost_steps: Annotated[Optional[int], Field(
+        description="Steps trained after `step` that the last interruption lost (interruptCheckpoint Skipped).")
+    ] = None
+    message: Annotated[Optional[str], Field(description="What the trainer said about the last interruption.")
+                       ] = None
 
 
 class OutputStatus(_Model):
@@ -553,6 +577,9 @@ class OutputStatus(_Model):
     path: Annotated[Optional[str], Field(description="Where the final model was written.")] = None
     files: Annotated[Optional[int], Field(description="Files written.")] = None
     bytes: Annotated[Optional[int], Field(description="Bytes written.")] = None
+    verified: Annotated[Optional[bool], Field(
+        description="Read back after writing: every tensor equal to the trained one (on CPU also the logits).")
+    ] = None
 
 
 class CostStatus(_Model):

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from kubesloth.api.contract import DETERMINISTIC_EXIT_CODES, EXIT_REASONS, ExitCode
+import re
+
+from kubesloth.api.contract import DETERMINISTIC_EXIT_CODES, EXIT_REASONS, ExitCode, parse_state, strip_state
 from kubesloth.api.v1alpha1 import FINISHED_PHASES, FineTuneJobSpec, Phase
 
 from .builders import ANNOTATION_PRIOR_FAILURES, ANNOTATION_PRIOR_INTERRUPTIONS
@@ -115,7 +117,7 @@ def classify_pod(pod: dict[str, Any]) -> Attempt | None:
         return None
     if status.get("phase") == "Succeeded" or code == 0:
         return None
-    said = _short((terminated or {}).get("message"))
+    said = _short(strip_state((terminated or {}).get("message")))  # the facts after it go to status.checkpoint
     pod_said = _short(status.get("message"))
     if code is not None:
         try:
@@ -310,6 +312,84 @@ def _cond_reason(status: dict[str, Any], kind: str) -> str | None:
     return None
 
 
+# --- status.checkpoint / status.output from the trainer's termination messages ---------------------------------
+INT64_MAX = 2**63 - 1
+_RELATIVE_PATH = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def _count(value: Any) -> int | None:
+    """A count the API server takes (int64, not negative, not a bool), else None: the trainer runs user code."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX else None
+
+
+def _under(destination: str, rel: Any) -> str | None:
+    if not isinstance(rel, str) or not _RELATIVE_PATH.match(rel) or ".." in rel.split("/"):
+        return None
+    return f"{destination.rstrip('/')}/{rel}"
+
+
+def trainer_states(pods: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int | None, str]]:
+    """(state, exit code, message) of every ended trainer pod that left a state (api.contract.with_state), oldest
+    first."""
+    found = []
+    for pod in sorted(pods, key=_created):
+        terminated = (_container_status(pod).get("state") or {}).get("terminated") or {}
+        state = parse_state(terminated.get("message"))
+        if state:
+            found.append((state, terminated.get("exitCode"), strip_state(terminated.get("message"))))
+    return found
+
+
+def checkpoint_and_output(spec: dict[str, Any], old: dict[str, Any], pods: list[dict[str, Any]]
+                          ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """(status.checkpoint, status.output, the newest state) from what the trainer pods said when they ended; what
+    earlier status recorded stands where no pod says more (the pods of earlier Jobs are gone)."""
+    destination = (spec.get("output") or {}).get("destination") or ""
+    checkpoint = dict(old.get("checkpoint") or {}) or None
+    output = dict(old.get("output") or {}) or None
+    newest = None
+    for state, code, message in trainer_states(pods):
+        newest = state
+        said = state.get("checkpoint") if isinstance(state.get("checkpoint"), dict) else {}
+        if _count(said.get("step")) is not None:
+            checkpoint = {k: v for k, v in (checkpoint or {}).items()
+                          if k in ("interruptCheckpoint", "lostSteps", "message")}
+            checkpoint["step"] = said["step"]
+            for key, value in (("path", _under(destination, said.get("path"))), ("bytes", _count(said.get("bytes"))),
+                               ("time", said.get("time") if isinstance(said.get("time"), str)
+                                and _RFC3339.match(said["time"]) else None)):
+                if value is not None:
+                    checkpoint[key] = value
+        if code == ExitCode.INTERRUPTED and state.get("interrupt") in ("written", "skipped"):
+            checkpoint = checkpoint or {}
+            checkpoint["interruptCheckpoint"] = "Skipped" if state["interrupt"] == "skipped" else "Written"
+            lost = _count(state.get("lostSteps")) if state["interrupt"] == "skipped" else 0
+            checkpoint["lostSteps"] = lost or 0
+            checkpoint["message"] = _short(message)
+        said_output = state.get("output") if isinstance(state.get("output"), dict) else {}
+        path = _under(destination, said_output.get("path"))
+        if path:
+            output = {"path": path}
+            for key in ("files", "bytes"):
+                if _count(said_output.get(key)) is not None:
+                    output[key] = said_output[key]
+            if isinstance(said_output.get("verified"), bool):
+                output["verified"] = said_output["verified"]
+    return checkpoint, output, newest
+
+
+def stopped_progress(old: dict[str, Any], checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:
+    """After an interruption the run goes on from its newest checkpoint: progress shows that step, not the step
+    the stopped trainer had reached (those after the checkpoint are trained again)."""
+    progress = old.get("progress") or {}
+    step = (checkpoint or {}).get("step")
+    if not progress or step is None or progress.get("step") == step:
+        return None
+    total = progress.get("totalSteps")
+    return {**progress, "step": step, "display": f"{step}/{total}" if total else str(step), "etaSeconds": None}
+
+
 # --- conditions --------------------------------------------------------------------------------------------------
 def merge_conditions(old: Iterable[dict[str, Any]], new: Iterable[dict[str, Any]], now: datetime,
                      generation: int | None = None) -> list[dict[str, Any]]:
@@ -409,6 +489,17 @@ def derive_status(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[di
                 start = seen
                 break
     status["startTime"] = start
+    checkpoint, output, _newest = checkpoint_and_output(ftj.get("spec") or {}, old, pods)
+    if checkpoint:
+        status["checkpoint"] = checkpoint
+    if output:
+        status["output"] = output
+    current = pods[-1] if pods else None
+    current_ended = current is not None and classify_pod(current) is not None
+    if phase != Phase.Running.value and phase != Phase.Succeeded.value and (current_ended or job is None):
+        progress = stopped_progress(old, checkpoint)
+        if progress:
+            status["progress"] = progress
     completion = old.get("completionTime")
     if finished and not completion:
         done = (job_condition(job, "Complete") or job_condition(job, "Failed") or {})

@@ -33,3 +33,9 @@ class OutOfMemory(TrainerFailure):
 
 class Interrupted(TrainerFailure):
     exit_code = ExitCode.INTERRUPTED
+
+
+class OutputInUse(TrainerFailure):
+    """The output holds another run's checkpoints or model, or another trainer holds its lock."""
+
+    exit_code = ExitCode.OUTPUT_IN_USE

@@ -19,6 +19,7 @@ from typing import Optional
 
 from kubesloth.api import contract
 from kubesloth.api.contract import EXIT_REASONS, TERMINATION_LOG, Env, ExitCode
+from kubesloth.trainer.checkpoints import Deadline
 from kubesloth.trainer.config import config_path, load_job
 from kubesloth.trainer.errors import (BadConfig, Interrupted, OutOfMemory, OutputUnwritable, SourceNotFound,
                                       TrainerFailure)
@@ -120,8 +121,11 @@ def card_free_bytes() -> Optional[int]:
     return int(torch.cuda.mem_get_info()[0])
 
 
-def run(config: Optional[str], stop: threading.Event) -> str:
-    """Returns the success message; raises TrainerFailure (or anything) on failure."""
+def run(config: Optional[str], stop: threading.Event, deadline: Optional[Deadline] = None,
+        facts: Optional[dict] = None) -> str:
+    """Returns the success message; raises TrainerFailure (or anything) on failure. `facts` gets what the
+    termination message's state carries (api.contract.with_state: status.checkpoint / status.output)."""
+    facts = {} if facts is None else facts
     from kubesloth.trainer.engines import choose_engine, requested_engine, runs_on_gpu
     from kubesloth.trainer.profiles import resolve_run
     from kubesloth.trainer.save import check_results_config, check_writable, weights_bytes
@@ -144,6 +148,14 @@ def run(config: Optional[str], stop: threading.Event) -> str:
     log(f"model {model_path}; dataset {dataset_files}: {len(records)} records; output {destination}")
     if stop.is_set():
         raise Interrupted("stopped before training started; nothing new to checkpoint; resumable")
+    from kubesloth.trainer.output import claim_output
+
+    # One writer per output (the lock), one run per output (the identity in its checkpoints): before any heavy
+    # import, so a refusal is quick.
+    lock, identity, decision = claim_output(destination, job, model_path, stop, log)
+    facts["lock"] = lock
+    log(f"output {destination}: lock held ({lock.describe(lock.holder)}); "
+        f"run {identity.get('uid') or identity['job']} spec {identity['spec_hash']}: {decision}")
 
     engine_name = choose_engine(requested, profile=str(spec.training.profile))
     on_gpu = runs_on_gpu(engine_name)
@@ -168,16 +180,18 @@ def run(config: Optional[str], stop: threading.Event) -> str:
 
     from kubesloth.trainer.recipe import Recipe, out_of_memory_advice
 
-    recipe = Recipe(job, hp, engine_name, model_path, dataset_files, destination, stop, log, plan=plan)
+    recipe = Recipe(job, hp, engine_name, model_path, dataset_files, destination, stop, log, plan=plan,
+                    run_identity=identity, lock=lock, deadline=deadline)
+    facts["recipe"] = recipe
     try:
         try:
             recipe.setup()
             result = recipe.train()
             if result.interrupted:
-                where = result.last_checkpoint.path if result.last_checkpoint else "none"
-                raise Interrupted(f"interrupted at step {result.step}/{result.total_steps}; checkpoint {where}; "
-                                  f"resumable")
+                raise Interrupted(interrupted_message(recipe, result, facts))
             saved, summary = recipe.save(result)
+            facts["output"] = {"path": saved.path.relative_to(destination).as_posix(), "files": saved.files,
+                               "bytes": saved.bytes, "verified": True}
         except TrainerFailure:
             raise
         except Exception as exc:
@@ -198,6 +212,37 @@ def run(config: Optional[str], stop: threading.Event) -> str:
         recipe.close()
 
 
+def interrupted_message(recipe, result, facts: dict) -> str:
+    """What an interrupted run says: the checkpoint written, or why the interrupt checkpoint was skipped."""
+    manager = recipe.checkpoints
+    latest = manager.latest()
+    outcome = manager.interrupt
+    if outcome is not None and not outcome.written:
+        lost = result.step - (latest.step if latest else 0)
+        facts.update(interrupt="skipped", lostSteps=lost)
+        return (f"interrupted at step {result.step}/{result.total_steps}; {outcome.message}; the run resumes from "
+                f"{'step ' + str(latest.step) if latest else 'the start'} ({lost} steps to train again); resumable")
+    facts["interrupt"] = "written"
+    where = latest.path if latest else "none"
+    return f"interrupted at step {result.step}/{result.total_steps}; checkpoint {where}; resumable"
+
+
+def termination_state(facts: dict) -> Optional[dict]:
+    """The state for the termination message (api.contract.with_state): newest checkpoint, interrupt, output."""
+    state: dict = {}
+    recipe = facts.get("recipe")
+    try:
+        checkpoint = recipe.checkpoints.state() if recipe is not None and hasattr(recipe, "checkpoints") else None
+    except OSError:
+        checkpoint = None
+    if checkpoint:
+        state["checkpoint"] = checkpoint
+    for key in ("interrupt", "lostSteps", "output"):
+        if key in facts:
+            state[key] = facts[key]
+    return state or None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubesloth.trainer",
                                      description="Full fine-tuning of one FineTuneJob (the trainer pod).")
@@ -205,8 +250,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     stop = threading.Event()
+    deadline = Deadline.from_env()  # the grace period the kubelet gives between SIGTERM and SIGKILL
 
     def on_signal(signum, _frame):
+        deadline.signalled()
         if not stop.is_set():
             log(f"{signal.Signals(signum).name}: finishing the current step, then checkpoint and exit")
         stop.set()
@@ -214,8 +261,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     started = time.time()
+    facts: dict = {}
     try:
-        message = run(args.config, stop)
+        message = run(args.config, stop, deadline, facts)
         code = ExitCode.OK
     except TrainerFailure as exc:
         code, message = exc.exit_code, exc.message
@@ -233,9 +281,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             code, message = ExitCode.OUT_OF_MEMORY, f"out of memory: {exc}"
         else:
             code, message = ExitCode.ERROR, f"{type(exc).__name__}: {exc}"
+    finally:
+        if facts.get("lock") is not None:
+            facts["lock"].release()
     message = clean_message(message)
     reason = EXIT_REASONS.get(code, "Succeeded")
-    write_termination_log(message if code == ExitCode.OK else f"{reason}: {message}")
+    write_termination_log(contract.with_state(message if code == ExitCode.OK else f"{reason}: {message}",
+                                              termination_state(facts)))
     log(f"{'done' if code == ExitCode.OK else f'failed ({reason}, exit {int(code)})'} after "
         f"{time.time() - started:.1f}s: {message}")
     return int(code)

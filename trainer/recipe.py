@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 from kubesloth.api.v1alpha1 import FineTuneJob
 from kubesloth.trainer.callbacks import Callback, CallbackList, ProgressLog, StartEvent, StepEvent
-from kubesloth.trainer.checkpoints import CheckpointManager
+from kubesloth.trainer.checkpoints import CheckpointManager, Deadline, InterruptCheckpointSkipped
 from kubesloth.trainer.engines import create_engine
 from kubesloth.trainer.engines.base import RunContext, TrainResult
 from kubesloth.trainer.memory import DeviceMonitor, snapshot
@@ -63,8 +63,10 @@ def out_of_memory_advice(plan: Optional[Plan]) -> str:
 class Recipe:
     def __init__(self, job: FineTuneJob, hp: Hyperparameters, engine_name: str, model_path: Path,
                  dataset_files: list[Path], destination: Path, stop: threading.Event,
-                 log: Callable[[str], None], plan: Optional[Plan] = None):
+                 log: Callable[[str], None], plan: Optional[Plan] = None,
+                 run_identity: Optional[dict] = None, lock: Any = None, deadline: Optional[Deadline] = None):
         self.job, self.hp, self.engine_name, self.plan = job, hp, engine_name, plan
+        self.run_identity, self.lock, self.deadline = run_identity, lock, deadline
         self.model_path, self.dataset_files, self.destination = model_path, dataset_files, destination
         self.stop, self.log = stop, log
         self.run_state = RunState()
@@ -76,7 +78,13 @@ class Recipe:
 
     def setup(self) -> None:
         spec = self.job.spec
-        checkpoints = CheckpointManager(self.destination, spec.output.checkpoints_to_keep)
+        checkpoints = CheckpointManager(
+            self.destination, spec.output.checkpoints_to_keep, run=self.run_identity, lock=self.lock,
+            # Every engine's checkpoint holds its optimizer state and safetensors weights: one without is not
+            # committed (a writer whose staging dir was deleted under it).
+            required=("optimizer.pt", "*.safetensors") if self.lock is not None else (),
+            deadline=self.deadline, expected_bytes=self.expected_checkpoint_bytes(), log=self.log, stop=self.stop)
+        self.checkpoints = checkpoints
         for path in checkpoints.remove_partial():
             self.log(f"removed staging leftovers {path}" if path == checkpoints.staging_root
                      else f"removed partial checkpoint {path} (no COMPLETE marker)")
@@ -101,8 +109,26 @@ class Recipe:
         self.engine = create_engine(self.engine_name)
         self.engine.setup(self.ctx)
 
+    def expected_checkpoint_bytes(self) -> Optional[int]:
+        """The planner's checkpoint size, else the weights + two optimizer moments of their size."""
+        predicted = ((self.plan.summary() if self.plan is not None else {}).get("predicted") or {})
+        if predicted.get("checkpoint_bytes"):
+            return int(predicted["checkpoint_bytes"])
+        from kubesloth.trainer.save import weights_bytes
+
+        try:
+            return 3 * weights_bytes(self.model_path) or None
+        except OSError:
+            return None
+
     def train(self) -> TrainResult:
-        result = self.engine.train()
+        try:
+            result = self.engine.train()
+        except InterruptCheckpointSkipped as skipped:  # an engine checkpointing through writing(): it stopped
+            state = self.run_state
+            result = TrainResult(step=skipped.step, start_step=0, total_steps=state.total_steps, epoch=0.0,
+                                 tokens_total=0, tokens_trained=0, final_loss=math.nan, train_seconds=0.0,
+                                 interrupted=True, last_checkpoint=self.ctx.checkpoints.latest())
         if math.isnan(result.final_loss) and self.ctx.resume_from:
             result.final_loss = float(self.ctx.resume_from.metadata().get("loss", math.nan))
         return result
@@ -163,6 +189,7 @@ class Recipe:
                       "tensors_checked": saved.tensors_checked, "max_logit_diff": saved.max_logit_diff},
             "hyperparameters": self.hp.as_dict(),
             "plan": self.plan.summary() if self.plan is not None else None,
+            "run": self.run_identity,
             "data": getattr(self.ctx, "data_stats", None),
             "data_warnings": list(getattr(self.ctx, "data_warnings", None) or []),
             "report_to": [str(getattr(t, "value", t)) for t in self.job.spec.training.report_to or []],

@@ -349,7 +349,7 @@ def test_pod_failure_policy_from_1_26(settings):
     assert job["spec"]["podFailurePolicy"] == {"rules": [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "FailJob", "onPodConditions": [],
-         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4]}},
+         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4, 7]}},
         {"action": "Ignore", "onPodConditions": [],
          "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [6]}},
     ]}

@@ -47,13 +47,14 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def write_job(directory: Path, model: Path, spec: Optional[dict] = None, dataset: Path = ALPACA_TINY,
-              destination: Optional[Path] = None) -> Path:
+              destination: Optional[Path] = None, metadata: Optional[dict] = None) -> Path:
     full = merge(BASE_SPEC, {"model": {"source": f"file://{model}"}, "dataset": {"source": f"file://{dataset}"},
                              "output": {"destination": f"file://{destination or directory / 'out'}"}})
     full = merge(full, spec or {})
     path = directory / "finetunejob.yaml"
     path.write_text(yaml.safe_dump({"apiVersion": "kubesloth.io/v1alpha1", "kind": "FineTuneJob",
-                                    "metadata": {"name": "tiny", "namespace": "test"}, "spec": full}))
+                                    "metadata": {"name": "tiny", "namespace": "test", **(metadata or {})},
+                                    "spec": full}))
     return path
 
 

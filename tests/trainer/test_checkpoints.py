@@ -21,7 +21,9 @@ def test_complete_checkpoints_only_and_retention(tmp_path):
     assert [c.step for c in manager.complete()] == [20, 30], "checkpointsToKeep=2"
     latest = manager.latest()
     assert latest.step == 30 and (latest.path / COMPLETE_MARKER).is_file()
-    assert latest.metadata() == {"step": 30, "engine": "test"}
+    meta = latest.metadata()
+    assert {k: meta[k] for k in ("step", "engine", "bytes")} == {"step": 30, "engine": "test", "bytes": 2}
+    assert meta["write_seconds"] >= 0, "the write time is recorded for the interrupt checkpoint's estimate"
     assert not manager.staging_root.exists()
 
     # A newer dir without the marker (killed between rename and marker) and a staging leftover.

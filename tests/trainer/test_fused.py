@@ -274,6 +274,11 @@ def test_entry_point_refuses_a_checkpoint_of_another_engine(tiny_model_dir, tmp_
     foreign.mkdir(parents=True)
     (foreign / "COMPLETE").write_text("{}")
     config = write_job(tmp_path / "job.yaml", tiny_model_dir, out)
+    from kubesloth.trainer.config import load_job
+    from kubesloth.trainer.output import run_identity
+
+    # This run's checkpoint (its run identity), only not the fused engine's files.
+    (foreign / "kubesloth-checkpoint.json").write_text(json.dumps({"step": 3, "run": run_identity(load_job(config))}))
     code, log = run_entry_point(config, monkeypatch, capsys)
     assert code == 2, log
     assert "not written by the fused engine" in log

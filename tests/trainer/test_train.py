@@ -122,7 +122,9 @@ def test_resume_with_a_different_optimizer_layout_does_not_crash(straight, tiny_
     source = straight[0] / "out" / CHECKPOINTS_DIR / "step-00000040"
     target = tmp_path / "out" / CHECKPOINTS_DIR / "step-00000040"
     shutil.copytree(source, target)
-    spec = {**RESUME_SPEC, "training": {**RESUME_SPEC["training"], "maxSteps": 44, "optimizer": "sgd"}}
+    # Another spec is another run: continuing its checkpoints takes onExisting: resume (else OutputInUse).
+    spec = {**RESUME_SPEC, "training": {**RESUME_SPEC["training"], "maxSteps": 44, "optimizer": "sgd"},
+            "output": {**RESUME_SPEC["output"], "onExisting": "resume"}}
     run = run_trainer(write_job(tmp_path, tiny_model, spec), tmp_path)
     assert run.returncode == 0, run.output[-3000:]
     assert "resume: optimizer changed from AdamW to SGD: optimizer state reset" in run.output

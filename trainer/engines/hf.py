@@ -167,7 +167,8 @@ class Bridge(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.ctx.stop.is_set() and state.global_step < state.max_steps:  # at the last step: just finish
             self.interrupted = True
-            control.should_save = True
+            # Only if it can be written before SIGKILL (else stop without starting it: the newest stays whole).
+            control.should_save = self.ctx.checkpoints.interrupt_checkpoint_fits(state.global_step)
             control.should_training_stop = True
         elif state.global_step % self.ctx.checkpoint_every == 0:
             control.should_save = True
@@ -197,7 +198,7 @@ class Bridge(TrainerCallback):
             "hyperparameters": self.ctx.hp.as_dict(),
             "optimizer": optimizer_signature(self.trainer.model, self.trainer.optimizer),
         }
-        self.last_checkpoint = self.ctx.checkpoints.commit(staging, step, metadata)
+        self.last_checkpoint = self.ctx.checkpoints.commit(staging, step, metadata, started=self._save_started)
         if self._save_started is not None:
             self.checkpoint_seconds += time.monotonic() - self._save_started
             self._save_started = None

@@ -271,7 +271,7 @@ def test_chart_alert_rules_on_live_series(run):
 
 def test_kubectl_get_shows_progress_and_throughput(run):
     header, row = run.kubectl_get.strip().splitlines()
-    assert header.split()[:5] == ["NAME", "PHASE", "PROGRESS", "TOKENS/S", "PEAK"], header
+    assert header.split()[:6] == ["NAME", "PHASE", "PROGRESS", "TOKENS/S", "ETA", "PEAK"], header
     name, phase, progress, tokens_per_second = row.split()[:4]
     assert (name, phase) == (MAIN, "Running") and progress.endswith(f"/{STEPS}") and float(tokens_per_second) > 0
 

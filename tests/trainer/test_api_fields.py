@@ -104,11 +104,15 @@ def test_server_accepts(kubectl, namespace):
 
 
 def test_the_push_token_reaches_the_pod_from_its_secret_only():
+    from kubesloth.api.v1alpha1 import HUB_PUSH_TOKEN_ENV
     from kubesloth.operator.builders import build_configmap, build_job
     from kubesloth.operator.settings import OperatorSettings
-    from tests.operator.test_builders import make_ftj
 
-    from kubesloth.api.v1alpha1 import HUB_PUSH_TOKEN_ENV
+    def make_ftj(**spec):  # tests/ is not a package: the FineTuneJob as the API server would hand it over
+        return {"apiVersion": "kubesloth.io/v1alpha1", "kind": "FineTuneJob",
+                "metadata": {"name": "push", "namespace": "ml", "uid": "0000-uid-9", "generation": 1},
+                "spec": {"model": {"source": "pvc://models/base"}, "dataset": {"source": "pvc://data/d.jsonl"},
+                         "output": {"destination": "pvc://outputs/x"}, **spec}}
 
     settings = OperatorSettings(trainer_image="t:1", trainer_command=("python", "-m", "kubesloth.trainer"))
     ftj = make_ftj(output={"destination": "pvc://outputs/x", "pushToHub": {

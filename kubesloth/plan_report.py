@@ -4,13 +4,12 @@ performance-per-dollar comparison as a tool. Pure: the planner's numbers, format
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Optional
 
 from kubesloth.api.v1alpha1 import FineTuneJobSpec
 from kubesloth.planner import GIB, ModelShape, Plan, PlanError, gpu_classes
 from kubesloth.planner.fit import plan as make_plan
-from kubesloth.planner.jobs import BUDGET_FIELD, PRODUCT_FIELD, budget_for, request_for
+from kubesloth.planner.jobs import PRODUCT_FIELD, plan_job, request_for
 
 
 def _gib(count: Optional[int]) -> str:
@@ -35,11 +34,11 @@ def job_tokens(spec: FineTuneJobSpec, result: Plan) -> Optional[int]:
 
 def report(spec: FineTuneJobSpec, shape: ModelShape, shape_note: str) -> str:
     lines = [f"model: {shape_note}; {spec.model.max_seq_length} tokens a sequence, profile {spec.training.profile}"]
-    budget, source = budget_for(spec)
     try:
-        main = make_plan(request_for(spec, shape, budget, source))
+        main = plan_job(spec, shape)
     except PlanError as err:
         return "\n".join(lines + [f"refused: {err}"])
+    budget, source = main.request.budget_bytes, main.request.budget_source
     fits = {True: "fits", False: "DOES NOT FIT", None: "no budget set: the leanest plan"}[main.fits]
     lines += [f"budget: {_gib(budget)} GiB ({source or 'none'}): {fits}", f"plan: {main.describe()}"]
     lines += breakdown_lines(main)
@@ -56,7 +55,7 @@ def report(spec: FineTuneJobSpec, shape: ModelShape, shape_note: str) -> str:
         if gpu.bf16_tflops == 0:
             lines.append(f"  {gpu.product:<24} {gpu.memory_gib:>6.1f}  {'no':<5} {'no bf16 tensor cores':<34}")
             continue
-        request = replace(request_for(spec, shape, gpu.memory_bytes, PRODUCT_FIELD))
+        request = request_for(spec, shape, gpu.memory_bytes, PRODUCT_FIELD)
         try:
             result = make_plan(request, suggest=False)
         except PlanError as err:
@@ -78,5 +77,3 @@ def report(spec: FineTuneJobSpec, shape: ModelShape, shape_note: str) -> str:
     lines.append("  (tokens/s: calibrated on the H200, scaled by each class's bf16 rate; see docs/planning.md)")
     return "\n".join(lines)
 
-
-__all__ = ["report", "BUDGET_FIELD"]

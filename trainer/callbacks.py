@@ -153,7 +153,8 @@ class ProgressLog(Callback):
     def on_step(self, event):
         mem = event.memory
         memory = (f"gpu reserved {_gib(mem.get('gpu_reserved'))} peak {_gib(mem.get('gpu_peak'))} "
-                  f"device {_gib(mem.get('device_used'))}" if "gpu_reserved" in mem
+                  f"device {_gib(mem.get('device_used'))} allocated peak {_gib(mem.get('gpu_peak_allocated'))}"
+                  if "gpu_reserved" in mem
                   else f"rss {_gib(mem.get('host_rss'))}")
         loss = f"{event.loss:.4f}" if math.isfinite(event.loss) else str(event.loss)
         self._print(f"step {event.step}/{event.total_steps} loss {loss} lr {event.learning_rate:.3e} "

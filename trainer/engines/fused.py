@@ -95,15 +95,19 @@ OPTIMIZER_PLACEMENTS = {"paged_adamw_8bit": "paged", "adamw_8bit": "device", "ad
                         "adamw_torch_fused": "torch"}
 
 
-def memory_cap(ctx) -> Optional[int]:
+def memory_cap(ctx, tuning: Optional[dict] = None) -> Optional[int]:
     """torch's cap from the plan: the budget less the safety margin, the paged states (NVML counts them,
-    torch does not) and what the process holds outside torch, so the device peak stays inside the budget."""
+    torch does not) and what the process holds outside torch, so the device peak stays inside the budget.
+    The tuning key `torch_cap: 0` (bench only) runs without the cap, to measure what the cap itself costs."""
     import os
 
     # What Unsloth sets at import (less fragmentation); here CUDA starts before that import.
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     plan = ctx.plan
     cap = plan.torch_cap_bytes if plan is not None else None
+    if tuning and "torch_cap" in tuning:
+        cap = int(tuning["torch_cap"]) or None
+        ctx.log(f"{TUNING_ENV}: torch cap {cap or 'off'}")
     if not cap:
         return None
     torch.cuda.init()
@@ -185,7 +189,7 @@ class FusedEngine:
         on_gpu = torch.cuda.is_available()
         tuning = _tuning()
         if on_gpu:
-            budget = memory_cap(ctx)
+            budget = memory_cap(ctx, tuning)
             self.model, self.tokenizer = loading.load_unsloth(ctx)
         else:
             budget = None

@@ -116,8 +116,11 @@ def operator_budget() -> Optional[int]:
 def card_free_bytes() -> Optional[int]:
     import torch
 
+    from kubesloth.trainer.memory import set_cuda_allocator_settings
+
     if not torch.cuda.is_available():
         return None
+    set_cuda_allocator_settings()  # mem_get_info initialises CUDA: the allocator settings are read now
     return int(torch.cuda.mem_get_info()[0])
 
 

@@ -77,3 +77,33 @@ def test_the_operators_table_budget_wins_over_the_card(operator_budget):
                       budget_bytes=operator_budget, card_free_bytes=int(139 * GIB))
     assert run.plan.request.budget_bytes == operator_budget
     assert run.plan.request.budget_source == "spec.resources.gpuProduct"
+
+
+def test_the_allocator_settings_are_set_before_cuda_first_initialises(monkeypatch):
+    """torch reads PYTORCH_ALLOC_CONF once, when CUDA initialises; the free-memory probe is the trainer's first
+    CUDA call (before Unsloth's import sets it), so the probe must set it (without: 1.1 GiB more reserved on the
+    H200's lean 8B row)."""
+    import torch
+
+    from kubesloth.trainer import main
+
+    seen = {}
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info",
+                        lambda *a: (seen.setdefault("conf", __import__("os").environ.get("PYTORCH_ALLOC_CONF")),
+                                    (5 << 30, 8 << 30))[1])
+    assert main.card_free_bytes() == 5 << 30
+    assert seen["conf"] == "expandable_segments:True"
+
+
+def test_a_users_allocator_settings_are_kept(monkeypatch):
+    import torch
+
+    from kubesloth.trainer import main
+
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1, 2))
+    main.card_free_bytes()
+    assert __import__("os").environ["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:512"

@@ -99,10 +99,9 @@ def memory_cap(ctx, tuning: Optional[dict] = None) -> Optional[int]:
     """torch's cap from the plan: the budget less the safety margin, the paged states (NVML counts them,
     torch does not) and what the process holds outside torch, so the device peak stays inside the budget.
     The tuning key `torch_cap: 0` (bench only) runs without the cap, to measure what the cap itself costs."""
-    import os
+    from kubesloth.trainer.memory import set_cuda_allocator_settings
 
-    # What Unsloth sets at import (less fragmentation); here CUDA starts before that import.
-    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    set_cuda_allocator_settings()  # CUDA starts here, before Unsloth's import would set them
     plan = ctx.plan
     cap = plan.torch_cap_bytes if plan is not None else None
     if tuning and "torch_cap" in tuning:

@@ -224,6 +224,27 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _resumed_at_the_end(trainer: Any, ctx: RunContext, total: int) -> bool:
+    """A checkpoint at the run's last step (killed after it, while saving the model): load its weights and
+    state without training. HF's `train(resume_from_checkpoint=...)` at global_step == max_steps in the middle of
+    an epoch takes one more optimizer step before its stop check (step 31/30)."""
+    from transformers.trainer_callback import TrainerState
+
+    state_file = ctx.resume_from.path / "trainer_state.json"
+    try:
+        step = int(json.loads(state_file.read_text()).get("global_step") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+    if total <= 0 or step < total:
+        return False
+    trainer._load_from_checkpoint(str(ctx.resume_from.path))
+    trainer.state = TrainerState.load_from_json(str(state_file))
+    trainer.state.max_steps = total
+    ctx.log(f"resume: the checkpoint at step {step} holds the run's last step ({total}): nothing left to train; "
+            "saving its weights")
+    return True
+
+
 def run(trainer: Any, bridge: Bridge, ctx: RunContext) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -231,7 +252,10 @@ def run(trainer: Any, bridge: Bridge, ctx: RunContext) -> TrainResult:
     trainer.remove_callback(ProgressCallback)
     bridge.trainer = trainer
     resume = str(ctx.resume_from.path) if ctx.resume_from else None
-    trainer.train(resume_from_checkpoint=resume)
+    if resume and _resumed_at_the_end(trainer, ctx, planned_steps(bridge.rows, ctx.hp)):
+        pass  # the checkpoint holds the last step: weights and state loaded, nothing left to train
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     tokens = int(state.num_input_tokens_seen or 0)
     if not bridge.started:  # resumed at the last step (killed while saving): nothing left to train

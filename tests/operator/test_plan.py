@@ -1,0 +1,421 @@
+"""The reconcile's decision (operator/plan.py) as a table of scenarios: hand-written FineTuneJob, Job, ConfigMap and
+Pod dicts in, the actions and the status out, for a v1.20 server (the local control plane) and newer ones whose
+behaviour the local control plane cannot run. No cluster, no API calls."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Optional
+
+import pytest
+
+from kubesloth.api.contract import ExitCode
+from kubesloth.operator import builders, plan as plan_mod
+from kubesloth.operator.estimate import Estimate
+from kubesloth.operator.settings import OperatorSettings, ServerFeatures
+
+NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=timezone.utc)
+T_START = "2026-12-01T11:00:00Z"
+SETTINGS = OperatorSettings(trainer_image="default/trainer:1")
+V1_20, V1_24, V1_26, V1_29 = (ServerFeatures(1, 20), ServerFeatures(1, 24), ServerFeatures(1, 26),
+                              ServerFeatures(1, 29))
+NEWER = [V1_24, V1_26, V1_29]
+ALL = [V1_20] + NEWER
+
+
+# --- the objects, as the API server would return them ------------------------------------------------------------
+def make_ftj(status: dict | None = None, generation: int = 2, **spec: Any) -> dict:
+    body = {"apiVersion": "kubesloth.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "run", "namespace": "ml", "uid": "ftj-uid", "generation": generation,
+                         "resourceVersion": "100"},
+            "spec": {"model": {"source": "pvc://models/tiny-llama"},
+                     "dataset": {"source": "pvc://data/alpaca.jsonl"},
+                     "training": {"maxSteps": 10},
+                     "output": {"destination": "pvc://outputs/run"},
+                     "backoffLimit": 1, "maxInterruptions": 3, **spec}}
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def started(interruptions: int = 0, failures: int = 0, phase: str = "Running", **more: Any) -> dict:
+    """A status of a run that started (its first pod ran)."""
+    return {"phase": phase, "startTime": T_START, "interruptions": interruptions, "failures": failures,
+            "jobName": "run-trainer", "conditions": [], **more}
+
+
+def make_configmap(ftj: dict) -> dict:
+    body = builders.build_configmap(ftj, SETTINGS)
+    body["metadata"].update(uid="cm-uid", resourceVersion="7")
+    return body
+
+
+def make_job(ftj: dict, features: ServerFeatures, conditions: list | None = None, deleting: bool = False,
+             suspend: Optional[bool] = None, prior: tuple[int, int] = (0, 0), **spec: Any) -> dict:
+    body = builders.build_job(ftj, SETTINGS, features, *prior)
+    body["metadata"].update(uid="job-uid", creationTimestamp=T_START, resourceVersion="55")
+    if deleting:
+        body["metadata"]["deletionTimestamp"] = "2026-12-01T11:59:00Z"
+    if suspend is not None:
+        body["spec"]["suspend"] = suspend
+    body["spec"].update(spec)
+    body["status"] = {"startTime": T_START, "conditions": conditions or []}
+    return body
+
+
+def job_condition(kind: str, reason: str, message: str = "") -> dict:
+    return {"type": kind, "status": "True", "reason": reason, "message": message,
+            "lastTransitionTime": "2026-12-01T11:50:00Z"}
+
+
+def make_pod(name: str, phase: str, state: dict | None = None, job_uid: str = "job-uid", reason: str | None = None,
+             conditions: list | None = None, deleting: bool = False, created: str = T_START) -> dict:
+    status: dict[str, Any] = {"phase": phase, "conditions": conditions or []}
+    if reason:
+        status["reason"] = reason
+    if state is not None:
+        status["containerStatuses"] = [{"name": "trainer", "state": state}]
+    meta = {"name": name, "namespace": "ml", "uid": f"{name}-uid", "creationTimestamp": created,
+            "labels": {builders.LABEL_FTJ: "run", "controller-uid": job_uid},
+            "annotations": {builders.ANNOTATION_FTJ: "run"}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-12-01T11:59:00Z"
+    return {"metadata": meta, "spec": {"terminationGracePeriodSeconds": 600}, "status": status}
+
+
+def running(name: str = "run-trainer-a", **kw: Any) -> dict:
+    return make_pod(name, "Running", {"running": {"startedAt": "2026-12-01T11:01:00Z"}}, **kw)
+
+
+def ended(name: str, code: int, reason: str = "Error", created: str = T_START, **kw: Any) -> dict:
+    return make_pod(name, "Failed", {"terminated": {"exitCode": code, "reason": reason, "message": "",
+                                                    "startedAt": "2026-12-01T11:01:00Z"}}, created=created, **kw)
+
+
+FITS = Estimate(status={"fits": True, "peakBytes": 1}, condition={"type": "Fits", "status": "True",
+                                                                  "reason": "Fits", "message": "fits in 24 GiB"})
+NO_FIT = Estimate(status={"fits": False}, condition={"type": "Fits", "status": "False", "reason": "DoesNotFit",
+                                                     "message": "needs 90 GiB"},
+                  refusal_field="spec.resources.gpuMemoryGiB", refusal="needs 90 GiB of 24 GiB: use lean")
+
+
+# --- reading a plan -----------------------------------------------------------------------------------------------
+def summary(plan: plan_mod.Plan) -> list[str]:
+    """The plan's actions other than status patches, in order, as short strings."""
+    said = []
+    for action in plan.actions:
+        if isinstance(action, plan_mod.CreateChildren):
+            cm = "" if action.configmap is None else ("replace ConfigMap, " if action.configmap_replace
+                                                      else "create ConfigMap, ")
+            said.append(f"{cm}create Job")
+        elif isinstance(action, (plan_mod.DeleteJob, plan_mod.StopJob, plan_mod.DeleteFineTuneJob)):
+            said.append(action.label)
+        elif isinstance(action, plan_mod.Event):
+            said.append(f"event {action.type} {action.reason}")
+        elif isinstance(action, (plan_mod.PatchStatus, plan_mod.PatchBestEffortStatus)):
+            continue
+        else:
+            said.append(describe(action))
+    return said
+
+
+def describe(action: Any) -> str:
+    return type(action).__name__
+
+
+def created_job(plan: plan_mod.Plan) -> dict:
+    return next(a.job for a in plan.actions if isinstance(a, plan_mod.CreateChildren))
+
+
+def running_reason(status: dict) -> str:
+    return next(c["reason"] for c in status["conditions"] if c["type"] == "Running")
+
+
+def status_patch(plan: plan_mod.Plan) -> dict:
+    """Everything the plan writes to status, merged."""
+    merged: dict = {}
+    for action in plan.actions:
+        if isinstance(action, plan_mod.PatchStatus):
+            merged.update(action.status)
+    return merged
+
+
+# --- the table ----------------------------------------------------------------------------------------------------
+@dataclass
+class Scenario:
+    name: str
+    features: list[ServerFeatures]
+    given: Callable[[ServerFeatures], dict]  # -> Inputs keyword arguments (ftj, job, configmap, pods, ...)
+    phase: Optional[str]
+    reason: Optional[str] = None  # the Running condition's reason (None: not checked)
+    actions: list[str] = field(default_factory=list)
+    check: Optional[Callable[[plan_mod.Plan, ServerFeatures], None]] = None
+    retry_after: Optional[float] = None
+
+
+def new_job(f):
+    return {"ftj": make_ftj(), "estimate": FITS, "estimate_new": True}
+
+
+def check_new_job(plan, features):
+    job = created_job(plan)
+    assert ("podFailurePolicy" in job["spec"]) == features.pod_failure_policy
+    assert ("podReplacementPolicy" in job["spec"]) == features.pod_replacement_policy
+    assert "suspend" not in job["spec"]  # no queue: runs at once
+    assert plan.status["jobName"] == "run-trainer" and plan.pods == []
+    fits = next(c for c in status_patch(plan)["conditions"] if c["type"] == "Fits")
+    assert fits["status"] == "True"
+
+
+def queued_new_job(f):
+    return {"ftj": make_ftj(queueName="team-a"), "estimate": FITS}
+
+
+def check_queued(plan, features):
+    job = created_job(plan)
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"][builders.LABEL_QUEUE] == "team-a"
+
+
+def does_not_fit(f):
+    return {"ftj": make_ftj(), "estimate": NO_FIT, "estimate_new": True}
+
+
+def check_nothing_created(plan, features):
+    assert not any(isinstance(a, plan_mod.CreateChildren) for a in plan.actions)
+    assert status_patch(plan)["message"] == NO_FIT.refusal
+
+
+def running_run(f):
+    ftj = make_ftj(started())
+    return {"ftj": ftj, "job": make_job(ftj, f), "configmap": make_configmap(ftj), "pods": [running()]}
+
+
+def interrupted(code_or_pod):
+    def given(f):
+        ftj = make_ftj(started())
+        return {"ftj": ftj, "job": make_job(ftj, f), "configmap": make_configmap(ftj), "pods": [code_or_pod()]}
+    return given
+
+
+def exit6():
+    return ended("run-trainer-a", int(ExitCode.INTERRUPTED))
+
+
+def evicted():
+    pod = ended("run-trainer-a", 137, reason="Error")
+    pod["status"].update(reason="Evicted", message="The node was low on resource: memory.")
+    return pod
+
+
+def disruption():
+    return ended("run-trainer-a", 143, conditions=[{"type": "DisruptionTarget", "status": "True",
+                                                    "reason": "PreemptionByScheduler", "message": "preempted"}])
+
+
+def check_counted_as_interruption(plan, features):
+    assert plan.status["interruptions"] == 1 and plan.status["failures"] == 0
+
+
+def failed_past_backoff_v120(f):
+    ftj = make_ftj(started(failures=1))
+    job = make_job(ftj, f, prior=(0, 1))
+    return {"ftj": ftj, "job": job, "configmap": make_configmap(ftj),
+            "pods": [ended("run-trainer-b", 1, created="2026-12-01T11:30:00Z")]}
+
+
+def failed_past_backoff_newer(f):
+    ftj = make_ftj(started(failures=1))
+    job = make_job(ftj, f, prior=(0, 1), conditions=[job_condition("Failed", "BackoffLimitExceeded")])
+    return {"ftj": ftj, "job": job, "configmap": make_configmap(ftj),
+            "pods": [ended("run-trainer-b", 1, created="2026-12-01T11:30:00Z")]}
+
+
+def check_failed(plan, features):
+    assert plan.status["failures"] == 2 and plan.status["completionTime"]
+
+
+def suspend_running(f):
+    ftj = make_ftj(started(), suspend=True)
+    return {"ftj": ftj, "job": make_job(ftj, f), "configmap": make_configmap(ftj), "pods": [running()]}
+
+
+def suspended_no_job(f):
+    ftj = make_ftj(started(interruptions=1, phase="Suspended"), suspend=True)
+    return {"ftj": ftj, "job": None, "configmap": make_configmap(ftj), "pods": []}
+
+
+def resumed_job_still_deleting(f):
+    ftj = make_ftj(started(interruptions=1, phase="Suspended"))
+    return {"ftj": ftj, "job": make_job(ftj, f, deleting=True), "configmap": make_configmap(ftj),
+            "pods": [running(deleting=True)]}
+
+
+def resumed_job_gone(f):
+    ftj = make_ftj(started(interruptions=2, failures=1, phase="Suspended"))
+    return {"ftj": ftj, "job": None, "configmap": make_configmap(ftj), "pods": []}
+
+
+def check_counts_carried(plan, features):
+    job = created_job(plan)
+    assert job["metadata"]["annotations"][builders.ANNOTATION_PRIOR_INTERRUPTIONS] == "2"
+    assert job["metadata"]["annotations"][builders.ANNOTATION_PRIOR_FAILURES] == "1"
+    assert plan.status["interruptions"] == 2 and plan.status["failures"] == 1
+    assert not any(isinstance(a, plan_mod.CreateChildren) and a.configmap for a in plan.actions)  # the record stays
+
+
+def job_deleted_by_hand(f):
+    """Someone deleted the Job of a running run (or it was recreated): a new one, the started spec, the counts."""
+    first = make_ftj(started(interruptions=1))
+    ftj = make_ftj(started(interruptions=1), training={"maxSteps": 99})  # edited since: locked
+    return {"ftj": ftj, "job": None, "configmap": make_configmap(first), "pods": [],
+            "started_spec": builders.normalized(first)["spec"]}
+
+
+def check_started_spec(plan, features):
+    job = created_job(plan)
+    assert job["metadata"]["annotations"][builders.ANNOTATION_PRIOR_INTERRUPTIONS] == "1"
+    locked = next(c for c in status_patch(plan)["conditions"] if c["type"] == "SpecLocked")
+    assert locked["status"] == "True" and "spec.training.maxSteps" in locked["message"]
+
+
+def resuming_after_job_gave_up(f):
+    """A Job without podFailurePolicy counted interruptions as failures and gave up: recreate to resume."""
+    ftj = make_ftj(started())
+    job = make_job(ftj, f, conditions=[job_condition("Failed", "BackoffLimitExceeded")])
+    return {"ftj": ftj, "job": job, "configmap": make_configmap(ftj),
+            "pods": [ended("run-trainer-a", int(ExitCode.INTERRUPTED))]}
+
+
+def deadline(f):
+    ftj = make_ftj(started(), activeDeadlineSeconds=3600)
+    job = make_job(ftj, f, conditions=[job_condition("Failed", "DeadlineExceeded")])
+    return {"ftj": ftj, "job": job, "configmap": make_configmap(ftj), "pods": [running()]}
+
+
+def succeeded(ttl, done_minutes_ago):
+    def given(f):
+        done = (NOW - timedelta(minutes=done_minutes_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        ftj = make_ftj(started(phase="Succeeded", completionTime=done), ttlSecondsAfterFinished=ttl)
+        job = make_job(ftj, f, conditions=[job_condition("Complete", "Completed")])
+        job["status"]["completionTime"] = done
+        pod = make_pod("run-trainer-a", "Succeeded", {"terminated": {"exitCode": 0, "reason": "Completed"}})
+        return {"ftj": ftj, "job": job, "configmap": make_configmap(ftj), "pods": [pod]}
+    return given
+
+
+def check_expires_in(plan, features):
+    assert plan.expires_in == pytest.approx(1800)
+
+
+def name_conflict(f):
+    ftj = make_ftj()
+    job = make_job(ftj, f)
+    job["metadata"]["ownerReferences"] = [{"uid": "someone-else"}]
+    return {"ftj": ftj, "job": job, "estimate": FITS}
+
+
+def backoff_pause(f):
+    return {"ftj": make_ftj(), "estimate": FITS, "backoff_left": 40.0}
+
+
+SCENARIOS = [
+    Scenario("new job fits", ALL, new_job, "Pending", None,
+             ["create ConfigMap, create Job", "event Normal Pending"], check_new_job),
+    Scenario("new job with a queue: created suspended for Kueue", ALL, queued_new_job, "Queued", None,
+             ["create ConfigMap, create Job", "event Normal Queued"], check_queued),
+    Scenario("does not fit: refused, nothing created", ALL, does_not_fit, "Pending", None,
+             ["event Warning DoesNotFit"], check_nothing_created),
+    Scenario("running", ALL, running_run, "Running", "TrainerRunning", []),
+    Scenario("interrupted: exit 6", ALL, interrupted(exit6), "Pending", "Interrupted",
+             ["event Normal Pending", "event Warning Interrupted"], check_counted_as_interruption),
+    Scenario("interrupted: Evicted", ALL, interrupted(evicted), "Pending", "Evicted",
+             ["event Normal Pending", "event Warning Evicted"], check_counted_as_interruption),
+    Scenario("interrupted: DisruptionTarget", NEWER, interrupted(disruption), "Pending", "Preempted",
+             ["event Normal Pending", "event Warning Preempted"], check_counted_as_interruption),
+    Scenario("failed past backoff: the operator stops the Job (no podFailurePolicy)", [V1_20],
+             failed_past_backoff_v120, "Failed", "TrainerError", ["stopped Job (failed)", "event Warning Failed"],
+             check_failed),
+    Scenario("failed past backoff: the Job itself gave up", [V1_26, V1_29], failed_past_backoff_newer, "Failed",
+             "TrainerError", ["event Warning Failed"], check_failed),
+    Scenario("suspended with no Job: nothing to do", ALL, suspended_no_job, "Suspended", "Suspended", []),
+    Scenario("resumed while the old Job is still deleting: wait", ALL, resumed_job_still_deleting, "Running",
+             None, ["event Normal Running"], retry_after=1.0),
+    Scenario("resumed: a new Job, the counts carried over", ALL, resumed_job_gone, "Pending", "PodCreating",
+             ["create Job", "event Normal Pending"], check_counts_carried),
+    Scenario("Job deleted by hand: recreated from the started spec", ALL, job_deleted_by_hand, "Pending",
+             "PodCreating", ["create Job", "event Normal Pending", "event Warning SpecChangeRefused"],
+             check_started_spec),
+    Scenario("the Job gave up on interruptions: recreated to resume", ALL, resuming_after_job_gave_up, "Pending",
+             "Resuming", ["deleted Job (recreate to resume)", "event Normal Pending", "event Warning Resuming"]),
+    Scenario("deadline exceeded", ALL, deadline, "Failed", "DeadlineExceeded", ["event Warning Failed"]),
+    Scenario("TTL elapsed: the FineTuneJob is deleted", ALL, succeeded(600, 30), "Succeeded", None,
+             ["event Normal Expired", "deleted FineTuneJob (TTL)"]),
+    Scenario("TTL not yet", ALL, succeeded(3600, 30), "Succeeded", None, [], check_expires_in),
+    Scenario("a child name taken by someone else", ALL, name_conflict, "Pending", "NameConflict",
+             ["event Warning NameConflict"]),
+    Scenario("a refused creation waits out its backoff", ALL, backoff_pause, None, None, [], retry_after=40.0),
+]
+
+SUSPEND_SCENARIOS = [
+    Scenario("suspend on v1.20: the Job is deleted (Foreground)", [V1_20], suspend_running, "Suspended",
+             "Suspending", ["deleted Job (suspend)", "event Normal Suspended"]),
+]
+
+
+def _cases(scenarios):
+    return [pytest.param(s, f, id=f"{s.name} [{f.version}]") for s in scenarios for f in s.features]
+
+
+@pytest.mark.parametrize("scenario, features", _cases(SCENARIOS + SUSPEND_SCENARIOS))
+def test_scenario(scenario: Scenario, features: ServerFeatures):
+    given = scenario.given(features)
+    before = copy.deepcopy(given)
+    plan = plan_mod.plan(plan_mod.Inputs(features=features, now=NOW, settings=SETTINGS,
+                                         **{"job": None, "configmap": None, "pods": [], **given}))
+    assert given == before, "the plan changed its inputs"
+    assert plan.phase == scenario.phase, plan.status
+    assert summary(plan) == scenario.actions
+    if scenario.reason is not None:
+        assert running_reason(plan.status or status_patch(plan)) == scenario.reason
+    assert plan.retry_after == scenario.retry_after
+    if scenario.check:
+        scenario.check(plan, features)
+
+
+def test_the_plan_is_a_function_of_its_inputs():
+    given = running_run(V1_29)
+    inputs = plan_mod.Inputs(features=V1_29, now=NOW, settings=SETTINGS, **given)
+    assert plan_mod.plan(inputs) == plan_mod.plan(inputs)
+
+
+def test_the_status_patch_is_split_from_progress():
+    """Phase and conditions in one patch; progress/cost (read from the trainer) in a patch of their own."""
+    ftj = make_ftj(started(interruptions=1, phase="Running", progress={"step": 7, "totalSteps": 10,
+                                                                       "display": "7/10"},
+                           checkpoint={"step": 5}))
+    given = {"ftj": ftj, "job": make_job(ftj, V1_20, prior=(0, 0)), "configmap": make_configmap(ftj),
+             "pods": [ended("run-trainer-a", int(ExitCode.INTERRUPTED))]}
+    plan = plan_mod.plan(plan_mod.Inputs(features=V1_20, now=NOW, settings=SETTINGS, **given))
+    phase = [a for a in plan.actions if isinstance(a, plan_mod.PatchStatus)]
+    best = [a for a in plan.actions if isinstance(a, plan_mod.PatchBestEffortStatus)]
+    assert len(phase) == 1 and "progress" not in phase[0].status and phase[0].status["phase"] == "Pending"
+    assert len(best) == 1 and best[0].status["progress"]["step"] == 5  # the checkpoint's step after a stop
+
+
+def test_unknown_fields_are_reported_before_anything_else():
+    import json
+
+    ftj = make_ftj()
+    ftj["metadata"]["annotations"] = {plan_mod.LAST_APPLIED: json.dumps({"spec": {**ftj["spec"], "suspended": True}})}
+    plan = plan_mod.plan(plan_mod.Inputs(ftj=ftj, job=None, configmap=None, pods=[], features=V1_20, now=NOW,
+                                         settings=SETTINGS, estimate=FITS))
+    assert isinstance(plan.first[0], plan_mod.PatchStatus)
+    assert plan.first[0].status["conditions"][0]["type"] == "UnknownFields"
+    assert summary(plan)[:2] == ["event Warning UnknownFields", "create ConfigMap, create Job"]
+
+
+def test_a_blocked_plan_on_a_finished_run_does_nothing():
+    ftj = make_ftj(started(phase="Succeeded"))
+    assert plan_mod.blocked(ftj, NOW, "NameConflict", "taken").actions == []

@@ -258,9 +258,11 @@ def estimate_status(ftj: dict[str, Any], planned: Estimate, status: dict[str, An
     estimate = {**(planned.status or {}), "generation": ftj["metadata"].get("generation")}
     if planned.status is None:
         estimate["message"] = planned.condition["message"]
-    conditions = status_mod.merge_conditions(status.get("conditions") or [], [planned.condition], now,
-                                             ftj["metadata"].get("generation"))
-    return {"estimate": estimate, "conditions": conditions}
+    kept = status.get("conditions") or []
+    fits = status_mod.merge_conditions(kept, [planned.condition], now, ftj["metadata"].get("generation"))[0]
+    # Fits first, then every other condition of `status` (merge_conditions alone would drop the phase
+    # conditions: it expects them among the new ones).
+    return {"estimate": estimate, "conditions": [fits] + [c for c in kept if c.get("type") != fits["type"]]}
 
 
 def does_not_fit(ftj: dict[str, Any], now: datetime, planned: Estimate) -> Plan:

@@ -165,8 +165,10 @@ def check_new_job(plan, features):
     assert ("podReplacementPolicy" in job["spec"]) == features.pod_replacement_policy
     assert "suspend" not in job["spec"]  # no queue: runs at once
     assert plan.status["jobName"] == "run-trainer" and plan.pods == []
-    fits = next(c for c in status_patch(plan)["conditions"] if c["type"] == "Fits")
-    assert fits["status"] == "True"
+    conditions = {c["type"]: c["status"] for c in status_patch(plan)["conditions"]}
+    # the phase conditions and Fits in the first status (the estimate's merge once dropped the phase ones)
+    assert conditions == {"Fits": "True", "Running": "False", "Succeeded": "False", "Failed": "False",
+                          "Suspended": "False"}
 
 
 def queued_new_job(f):
@@ -185,6 +187,8 @@ def does_not_fit(f):
 def check_nothing_created(plan, features):
     assert not any(isinstance(a, plan_mod.CreateChildren) for a in plan.actions)
     assert status_patch(plan)["message"] == NO_FIT.refusal
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status_patch(plan)["conditions"]}
+    assert conditions == {"Fits": ("False", "DoesNotFit"), "Running": ("False", "DoesNotFit")}
 
 
 def running_run(f):
@@ -321,11 +325,11 @@ def backoff_pause(f):
 
 
 SCENARIOS = [
-    Scenario("new job fits", ALL, new_job, "Pending", None,
+    Scenario("new job fits", ALL, new_job, "Pending", "PodCreating",
              ["create ConfigMap, create Job", "event Normal Pending"], check_new_job),
-    Scenario("new job with a queue: created suspended for Kueue", ALL, queued_new_job, "Queued", None,
+    Scenario("new job with a queue: created suspended for Kueue", ALL, queued_new_job, "Queued", "Queued",
              ["create ConfigMap, create Job", "event Normal Queued"], check_queued),
-    Scenario("does not fit: refused, nothing created", ALL, does_not_fit, "Pending", None,
+    Scenario("does not fit: refused, nothing created", ALL, does_not_fit, "Pending", "DoesNotFit",
              ["event Warning DoesNotFit"], check_nothing_created),
     Scenario("running", ALL, running_run, "Running", "TrainerRunning", []),
     Scenario("interrupted: exit 6", ALL, interrupted(exit6), "Pending", "Interrupted",

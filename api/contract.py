@@ -42,6 +42,39 @@ class Env(str, enum.Enum):
     TERMINATION_GRACE_SECONDS = "KUBESLOTH_TERMINATION_GRACE_SECONDS"
 
 
+# --- per-job pod settings (spec.env, envFrom, volumes, volumeMounts): what a FineTuneJob may not touch --------------
+# The trainer pod holds the model and push tokens, and only images the cluster admin allows run in it. So a
+# FineTuneJob may not set (the CRD refuses them at the door, naming the field):
+#   - the contract's and the operator's own names (KUBESLOTH_*, HF_TOKEN: use spec.model.tokenSecretRef; the cache
+#     dirs the operator points at its emptyDir), which would silently undo what the operator configured;
+#   - names that make the trusted image load other code or send its tokens elsewhere (the dynamic loader's LD_*,
+#     Python's module paths and start-up files, PATH, HOME (the user site-packages under it), HF_ENDPOINT).
+RESERVED_ENV_PREFIXES = ("KUBESLOTH_", "LD_")
+RESERVED_ENV_NAMES = (
+    "HF_TOKEN", "HF_HOME", "HF_ENDPOINT", "UNSLOTH_COMPILE_LOCATION", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
+    "PATH", "HOME", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONPLATLIBDIR",
+    "PYTHONNOUSERSITE", "PYTHONEXECUTABLE", "BASH_ENV", "ENV",
+)
+# spec.envFrom imports every key of a ConfigMap or Secret, which the operator cannot see (it may not read Secrets).
+# Kubernetes lets `env` win over `envFrom`: in a pod with envFrom the operator sets these (unless its own extra env
+# does), so an imported key cannot turn code loading on or point the hub client elsewhere.
+PINNED_WITH_ENV_FROM = {
+    "LD_PRELOAD": "", "LD_LIBRARY_PATH": "", "LD_AUDIT": "", "PYTHONPATH": "", "PYTHONHOME": "",
+    "PYTHONSTARTUP": "", "PYTHONUSERBASE": "", "PYTHONNOUSERSITE": "1", "HF_ENDPOINT": "https://huggingface.co",
+}
+# Extra volumes are mounted under MOUNT_ROOT only (never over the image's code, /etc, /usr...), and not under
+# PVC_ROOT (the operator's pvc:// claims); CONFIG_DIR, CACHE_DIR, /tmp and /dev/shm are outside it.
+MOUNT_ROOT = "/mnt"
+# The trainer pod's own volume names (operator/builders.py); pvc:// claims are volumes named pvc-<claim>.
+RESERVED_VOLUME_NAMES = ("config", "tmp", "dshm", "cache")
+RESERVED_VOLUME_PREFIX = "pvc-"
+
+
+def reserved_env_name(name: str) -> bool:
+    """Whether spec.env may not set `name` (RESERVED_ENV_NAMES, RESERVED_ENV_PREFIXES)."""
+    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
+
+
 class ExitCode(enum.IntEnum):
     """Trainer exit codes the operator classifies into conditions (reason in parentheses)."""
 

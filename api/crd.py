@@ -23,7 +23,7 @@ _KEPT = {
 }
 # Value validations across fields or a second pattern: an `allOf` of junctors (anyOf/not/required/properties with
 # value checks only), which structural schemas allow (no CEL on v1.20). The types put them in json_schema_extra.
-_JUNCTOR_KEYS = {"allOf", "anyOf", "not", "required", "properties", "enum", "minLength", "maxLength", "pattern",
+_JUNCTOR_KEYS = {"allOf", "anyOf", "oneOf", "not", "required", "properties", "enum", "minLength", "maxLength", "pattern",
                  "minimum", "maximum"}
 
 
@@ -35,7 +35,7 @@ def _check_junctor(node: Any) -> Any:
         bad = set(node) - _JUNCTOR_KEYS
         if bad:
             raise ValueError(f"a junctor may hold only value validations, not {sorted(bad)}: {node}")
-        return {key: (_check_junctor(value) if key in ("allOf", "anyOf", "not") else
+        return {key: (_check_junctor(value) if key in ("allOf", "anyOf", "oneOf", "not") else
                       {name: _check_junctor(sub) for name, sub in value.items()} if key == "properties" else value)
                 for key, value in node.items()}
     raise ValueError(f"not a schema: {node!r}")
@@ -120,6 +120,10 @@ def openapi_schema() -> dict[str, Any]:
     # apply merges them by type). v1.20 accepts list-type map (apiextensions v1, since 1.16).
     status["properties"]["conditions"].update({"x-kubernetes-list-type": "map",
                                                "x-kubernetes-list-map-keys": ["type"]})
+    # Per-job pod settings: one entry per env name, volume name and mount path, as in a Pod (the server refuses a
+    # duplicate naming the field: "Duplicate value").
+    for name, key in (("env", "name"), ("volumes", "name"), ("volumeMounts", "mountPath")):
+        spec["properties"][name].update({"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]})
     spec.setdefault("description", "What to fine-tune, on what data, where the result goes and what the pod "
                                    "asks for.")
     status.setdefault("description", "What the operator observed: phase, conditions, progress, estimate, "
@@ -204,6 +208,13 @@ def render_docs() -> str:
         "schema can check (nodeSelector keys, file:// destinations in a pod, what the API server would refuse in "
         "the Job) the operator refuses before creating anything (docs/operator.md, Refusals). The trainer "
         "validates the same types again at start-up and exits with code 2 naming the field.",
+        "",
+        "Per-job pod settings (`spec.env`, `envFrom`, `serviceAccountName`, `volumes`, `volumeMounts`): the schema "
+        "refuses reserved env names (the trainer contract's, the operator's own, code-loading ones), volume types "
+        "outside persistentVolumeClaim/configMap/secret/emptyDir and mount paths outside /mnt or under /mnt/pvc; "
+        "a service account only where the install lists it and Secrets only where it allows them (the chart's "
+        "`trainer.jobPodSettings`, conditions ServiceAccountNotAllowed / SecretsNotAllowed): docs/install.md, "
+        "Per-job pod settings.",
         "",
         "| field | type | default | allowed | description |",
         "|---|---|---|---|---|",

@@ -11,8 +11,10 @@ import enum
 import re
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from kubesloth.api import contract
 
 GROUP = "kubesloth.io"
 VERSION = "v1alpha1"
@@ -73,6 +75,23 @@ SEED_MAX = 2**32 - 1
 QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+# spec.env / envFrom / volumes / volumeMounts (per-job pod settings). Env var names: C identifiers (a subset of what
+# every Kubernetes version accepts, IsEnvVarName; usable from a shell and Python alike), <= 128; the contract's,
+# the operator's and code-loading names are refused (contract.RESERVED_ENV_*). Volume names: DNS-1123 labels that are
+# not the pod's own (contract.RESERVED_VOLUME_*). Mount paths: under contract.MOUNT_ROOT, not under PVC_ROOT, no
+# `.`/`..`/empty segments.
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ENV_NAME_MAX = 128
+ENV_VALUE_MAX = 32768
+RESERVED_ENV_PATTERN = ("^(" + "|".join(f"{re.escape(p)}.*" for p in contract.RESERVED_ENV_PREFIXES) + "|"
+                        + "|".join(contract.RESERVED_ENV_NAMES) + ")$")
+RESERVED_VOLUME_PATTERN = ("^(" + "|".join(contract.RESERVED_VOLUME_NAMES) + "|"
+                           + contract.RESERVED_VOLUME_PREFIX + ".*)$")
+_MOUNT_SEGMENT = r"[A-Za-z0-9_][-A-Za-z0-9_.]*"
+MOUNT_PATH_PATTERN = rf"^{re.escape(contract.MOUNT_ROOT)}(/{_MOUNT_SEGMENT})+$"
+RESERVED_MOUNT_PATTERN = rf"^{re.escape(contract.PVC_ROOT)}(/.*)?$"
+MOUNT_PATH_MAX = 512
 
 
 class _Model(BaseModel):
@@ -395,6 +414,192 @@ class Toleration(_Model):
         return value
 
 
+
+def _not(pattern: str) -> dict[str, Any]:
+    """A CRD value validation: the string must not match `pattern` (an allOf junctor; the server names the field)."""
+    return {"allOf": [{"not": {"pattern": pattern}}]}
+
+
+def _exactly_one(*wire_names: str) -> dict[str, Any]:
+    return {"allOf": [{"oneOf": [{"required": [name]} for name in wire_names]}]}
+
+
+def _one_of(model: BaseModel, names: tuple[str, ...], where: str) -> None:
+    given = [name for name in names if getattr(model, name) is not None]
+    if len(given) != 1:
+        wire = [to_camel(name) for name in names]
+        raise ValueError(f"{where}: exactly one of {', '.join(wire)} (given: {', '.join(map(to_camel, given)) or 'none'})")
+
+
+_SECRET_NAME = Field(description="Name of a Secret in the FineTuneJob's namespace (a DNS subdomain, <= 253).",
+                     pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+_CONFIGMAP_NAME = Field(description="Name of a ConfigMap in the FineTuneJob's namespace (a DNS subdomain, <= 253).",
+                        pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+_KEY = Field(description="The key ([-._a-zA-Z0-9]+, <= 253, not `.`, `..` or starting with `..`).",
+             min_length=1, max_length=253, pattern=CONFIG_KEY_PATTERN)
+_OPTIONAL = Field(description="true: the pod starts without it when it is missing (Kubernetes' optional).")
+
+
+class EnvSecretKeyRef(_Model):
+    name: Annotated[str, _SECRET_NAME]
+    key: Annotated[str, _KEY]
+    optional: Annotated[Optional[bool], _OPTIONAL] = None
+
+
+class EnvConfigMapKeyRef(_Model):
+    name: Annotated[str, _CONFIGMAP_NAME]
+    key: Annotated[str, _KEY]
+    optional: Annotated[Optional[bool], _OPTIONAL] = None
+
+
+class EnvVarSource(_Model):
+    model_config = ConfigDict(json_schema_extra=_exactly_one("secretKeyRef", "configMapKeyRef"))
+    secret_key_ref: Annotated[Optional[EnvSecretKeyRef], Field(
+        description="A key of a Secret (allowed unless the operator's trainer.jobPodSettings.secrets is false).")] = None
+    config_map_key_ref: Annotated[Optional[EnvConfigMapKeyRef], Field(description="A key of a ConfigMap.")] = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EnvVarSource":
+        _one_of(self, ("secret_key_ref", "config_map_key_ref"), "valueFrom")
+        return self
+
+
+class EnvVar(_Model):
+    model_config = ConfigDict(json_schema_extra={"allOf": [{"not": {"required": ["value", "valueFrom"]}}]})
+    name: Annotated[str, Field(
+        description="Variable name: a C identifier ([A-Za-z_][A-Za-z0-9_]*, <= 128). Refused: KUBESLOTH_* and LD_*, "
+                    "and " + ", ".join(contract.RESERVED_ENV_NAMES) + " (the trainer contract's, the operator's own, "
+                    "and names that load other code or send the tokens elsewhere; a Hugging Face token goes in "
+                    "spec.model.tokenSecretRef).",
+        max_length=ENV_NAME_MAX, pattern=ENV_NAME_PATTERN, json_schema_extra=_not(RESERVED_ENV_PATTERN))]
+    value: Annotated[Optional[str], Field(description="A literal value (<= 32768 characters); $(NAME) refers to "
+                                                      "an earlier variable, as Kubernetes expands it.",
+                                          max_length=ENV_VALUE_MAX)] = None
+    value_from: Annotated[Optional[EnvVarSource], Field(
+        description="The value from a Secret or ConfigMap key instead of `value` (not both).")] = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if contract.reserved_env_name(value):
+            raise ValueError(f"{value!r} is reserved (KUBESLOTH_*, LD_*, {', '.join(contract.RESERVED_ENV_NAMES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> "EnvVar":
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(f"env {self.name}: value and valueFrom are exclusive")
+        return self
+
+
+class EnvFromSecretRef(_Model):
+    name: Annotated[str, _SECRET_NAME]
+    optional: Annotated[Optional[bool], _OPTIONAL] = None
+
+
+class EnvFromConfigMapRef(_Model):
+    name: Annotated[str, _CONFIGMAP_NAME]
+    optional: Annotated[Optional[bool], _OPTIONAL] = None
+
+
+class EnvFromSource(_Model):
+    model_config = ConfigDict(json_schema_extra=_exactly_one("secretRef", "configMapRef"))
+    prefix: Annotated[Optional[str], Field(
+        description="Prepended to every key (a C identifier, <= 64).", max_length=64,
+        pattern=ENV_NAME_PATTERN)] = None
+    secret_ref: Annotated[Optional[EnvFromSecretRef], Field(
+        description="Every key of a Secret (allowed unless the operator's trainer.jobPodSettings.secrets is "
+                    "false).")] = None
+    config_map_ref: Annotated[Optional[EnvFromConfigMapRef], Field(description="Every key of a ConfigMap.")] = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EnvFromSource":
+        _one_of(self, ("secret_ref", "config_map_ref"), "envFrom")
+        return self
+
+
+class PVCVolumeSource(_Model):
+    claim_name: Annotated[str, Field(description="A PersistentVolumeClaim in the FineTuneJob's namespace (a DNS "
+                                                 "subdomain, <= 253).",
+                                     pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
+    read_only: Annotated[Optional[bool], Field(description="Mount the claim read-only.")] = None
+
+
+class ConfigMapVolumeSource(_Model):
+    name: Annotated[str, _CONFIGMAP_NAME]
+    optional: Annotated[Optional[bool], _OPTIONAL] = None
+
+
+class SecretVolumeSource(_Model):
+    secret_name: Annotated[str, _SECRET_NAME]
+    optional: Annotated[Optional[bool], _OPTIONAL] = None
+
+
+class EmptyDirVolumeSource(_Model):
+    medium: Annotated[Optional[Literal["", "Memory"]], Field(
+        description='"" (the node\'s disk) or Memory (tmpfs, counted against the pod\'s memory).')] = None
+    size_limit: Annotated[Optional[str], Field(description="At most this much (a Kubernetes quantity, e.g. 10Gi).",
+                                               pattern=QUANTITY_PATTERN)] = None
+
+
+_VOLUME_SOURCES = ("persistent_volume_claim", "config_map", "secret", "empty_dir")
+
+
+class Volume(_Model):
+    model_config = ConfigDict(json_schema_extra=_exactly_one(*(to_camel(n) for n in _VOLUME_SOURCES)))
+    name: Annotated[str, Field(
+        description="Volume name (a DNS-1123 label, <= 63), unique; not " + ", ".join(contract.RESERVED_VOLUME_NAMES)
+                    + " or pvc-* (the trainer pod's own volumes).",
+        max_length=63, pattern=DNS_LABEL_PATTERN, json_schema_extra=_not(RESERVED_VOLUME_PATTERN))]
+    persistent_volume_claim: Annotated[Optional[PVCVolumeSource], Field(description="A PersistentVolumeClaim.")] = None
+    config_map: Annotated[Optional[ConfigMapVolumeSource], Field(description="A ConfigMap's keys as files.")] = None
+    secret: Annotated[Optional[SecretVolumeSource], Field(
+        description="A Secret's keys as files (allowed unless the operator's trainer.jobPodSettings.secrets is "
+                    "false).")] = None
+    empty_dir: Annotated[Optional[EmptyDirVolumeSource], Field(description="Scratch space that lives with the pod.")
+                         ] = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in contract.RESERVED_VOLUME_NAMES or value.startswith(contract.RESERVED_VOLUME_PREFIX):
+            raise ValueError(f"{value!r} is the name of one of the trainer pod's own volumes")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Volume":
+        _one_of(self, _VOLUME_SOURCES, f"volume {self.name}")
+        return self
+
+
+class VolumeMount(_Model):
+    name: Annotated[str, Field(description="The spec.volumes entry to mount.", max_length=63,
+                               pattern=DNS_LABEL_PATTERN)]
+    mount_path: Annotated[str, Field(
+        description=f"Where in the trainer container: under {contract.MOUNT_ROOT}/ (never over the image's code or "
+                    f"the trainer's own paths), not under {contract.PVC_ROOT} (the pvc:// claims); no `.`, `..` or "
+                    "empty segments, <= 512; unique.",
+        max_length=MOUNT_PATH_MAX, pattern=MOUNT_PATH_PATTERN, json_schema_extra=_not(RESERVED_MOUNT_PATTERN))]
+    read_only: Annotated[Optional[bool], Field(description="Mount read-only.")] = None
+
+    @field_validator("mount_path")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if re.fullmatch(RESERVED_MOUNT_PATTERN[1:-1], value):
+            raise ValueError(f"{value!r} is under {contract.PVC_ROOT}, where the operator mounts the pvc:// claims")
+        return value
+
+
+def _unique(items: Optional[list], attribute: str, what: str) -> Optional[list]:
+    seen: set[str] = set()
+    for index, item in enumerate(items or []):
+        value = getattr(item, attribute)
+        if value in seen:
+            raise ValueError(f"[{index}]: {what} {value!r} appears twice")
+        seen.add(value)
+    return items
+
+
 class FineTuneJobSpec(_Model):
     model: Annotated[ModelSpec, Field(description="The base model to fine-tune (every weight is trained).")]
     dataset: Annotated[DatasetSpec, Field(description="The training data.")]
@@ -418,6 +623,24 @@ class FineTuneJobSpec(_Model):
                     "is created suspended for Kueue to admit.", pattern=DNS_SUBDOMAIN_PATTERN, max_length=63)] = None
     image: Annotated[Optional[str], Field(description="Trainer image; overrides the operator's default.",
                                           min_length=1)] = None
+    env: Annotated[Optional[list[EnvVar]], Field(
+        description="Environment variables added to the trainer container, after the operator's own (e.g. "
+                    "WANDB_API_KEY from a Secret); names unique; at most 64.", max_length=64)] = None
+    env_from: Annotated[Optional[list[EnvFromSource]], Field(
+        description="Every key of these ConfigMaps or Secrets as environment variables (spec.env and the "
+                    "operator's own variables win over them; the operator pins the code-loading ones, "
+                    "docs/install.md); at most 16.", max_length=16)] = None
+    service_account_name: Annotated[Optional[str], Field(
+        description="ServiceAccount the trainer pod runs as (a DNS subdomain, <= 253), for a cloud identity "
+                    "(IRSA, workload identity); only names the operator's trainer.jobPodSettings."
+                    "serviceAccountNames allow. The pod still gets no Kubernetes API token.",
+        pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)] = None
+    volumes: Annotated[Optional[list[Volume]], Field(
+        description="Extra volumes for spec.volumeMounts: persistentVolumeClaim, configMap, secret or emptyDir "
+                    "(exactly one each); names unique; at most 16.", max_length=16)] = None
+    volume_mounts: Annotated[Optional[list[VolumeMount]], Field(
+        description="Where the trainer container mounts spec.volumes (each names one of them); mount paths "
+                    "unique; at most 16.", max_length=16)] = None
     suspend: Annotated[bool, Field(
         description="Stop the running pod and keep the job; set back to false to resume from the newest "
                     "checkpoint.")] = False
@@ -448,6 +671,29 @@ class FineTuneJobSpec(_Model):
             problem = qualified_name_problem(key)
             if problem:
                 raise ValueError(f"key {key[:80]!r} is not a label key: {problem}")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _unique_env(cls, value: Optional[list[EnvVar]]) -> Optional[list[EnvVar]]:
+        return _unique(value, "name", "name")
+
+    @field_validator("volumes")
+    @classmethod
+    def _unique_volumes(cls, value: Optional[list[Volume]]) -> Optional[list[Volume]]:
+        return _unique(value, "name", "name")
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _mounts_name_volumes(cls, value: Optional[list[VolumeMount]], info: ValidationInfo
+                             ) -> Optional[list[VolumeMount]]:
+        """Each mount names a volume of spec.volumes (a v1.20 schema cannot refer across fields: the operator
+        refuses it, condition InvalidSpec naming the field, before creating anything)."""
+        _unique(value, "mount_path", "mountPath")
+        names = {volume.name for volume in info.data.get("volumes") or []}
+        for index, mount in enumerate(value or []):
+            if mount.name not in names:
+                raise ValueError(f"[{index}].name: {mount.name!r} is not in spec.volumes")
         return value
 
 

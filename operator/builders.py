@@ -120,6 +120,42 @@ def image_refusal(spec: dict[str, Any], settings: OperatorSettings) -> str | Non
             "the cluster admin to allow it")
 
 
+def secret_uses(spec: dict[str, Any]) -> list[str]:
+    """The per-job pod settings that reference a Secret (spec.env valueFrom.secretKeyRef, spec.envFrom secretRef,
+    spec.volumes secret), as field paths."""
+    found = [f"spec.env[{i}].valueFrom.secretKeyRef" for i, item in enumerate(spec.get("env") or [])
+             if (item.get("valueFrom") or {}).get("secretKeyRef")]
+    found += [f"spec.envFrom[{i}].secretRef" for i, item in enumerate(spec.get("envFrom") or [])
+              if item.get("secretRef")]
+    found += [f"spec.volumes[{i}].secret" for i, item in enumerate(spec.get("volumes") or []) if item.get("secret")]
+    return found
+
+
+def pod_settings_refusal(spec: dict[str, Any], settings: OperatorSettings) -> tuple[str, str] | None:
+    """(reason, message) when the per-job pod settings go beyond what this install allows (the chart's
+    trainer.jobPodSettings) or clash with the operator's own env; None when the pod may be built. The schema
+    refuses every invalid value at the door; this is what only the operator knows."""
+    account = spec.get("serviceAccountName")
+    if not settings.service_account_allowed(account):
+        allowed = ", ".join(settings.allowed_service_accounts) or "none"
+        return "ServiceAccountNotAllowed", (
+            f"spec.serviceAccountName: {account!r} is not a service account FineTuneJobs may run as (allowed: "
+            f"{allowed}; the operator's KUBESLOTH_OPERATOR_ALLOWED_SERVICE_ACCOUNTS, chart value "
+            "trainer.jobPodSettings.serviceAccountNames); remove it or ask the cluster admin to allow it")
+    uses = secret_uses(spec)
+    if uses and not settings.allow_secrets:
+        return "SecretsNotAllowed", (
+            f"{', '.join(uses)}: this install does not let FineTuneJobs reference Secrets in env, envFrom or volumes "
+            "(the operator's KUBESLOTH_OPERATOR_ALLOW_SECRETS=false, chart value trainer.jobPodSettings.secrets); "
+            "use a ConfigMap for what is not secret, or ask the cluster admin")
+    for index, item in enumerate(spec.get("env") or []):
+        if item["name"] in settings.extra_env:
+            return "InvalidSpec", (
+                f"spec.env[{index}].name: {item['name']!r} is set for every trainer pod by the operator "
+                "(KUBESLOTH_OPERATOR_EXTRA_ENV); remove it from the FineTuneJob or ask the cluster admin")
+    return None
+
+
 def pod_failure_policy() -> dict[str, Any]:
     """Job.spec.podFailurePolicy (>= 1.26): disruptions and the trainer's resumable exit are not failures;
     exit codes that fail the same way again end the Job at once. (`onPodConditions: []` on the exit-code rules:
@@ -273,6 +309,16 @@ def _env(ftj: dict[str, Any], spec: dict[str, Any], settings: OperatorSettings) 
                if key not in taken)
     taken = {item["name"] for item in env}  # extra_env may point a cache elsewhere
     env.extend({"name": key, "value": value} for key, value in CACHE_ENV.items() if key not in taken)
+    # The FineTuneJob's own variables after the operator's ($(NAME) may refer to them). The schema refuses the
+    # reserved names; one the operator's extra env sets is refused by pod_settings_refusal (kept out here too).
+    taken = {item["name"] for item in env}
+    env.extend(dict(item) for item in spec.get("env") or [] if item["name"] not in taken)
+    if spec.get("envFrom"):
+        # envFrom's keys are unseen by the operator: `env` wins over `envFrom`, so pin what loads code or moves
+        # the hub endpoint (unless the operator's extra env or the spec set it: theirs stands).
+        taken = {item["name"] for item in env}
+        env.extend({"name": key, "value": value} for key, value in contract.PINNED_WITH_ENV_FROM.items()
+                   if key not in taken)
     return env
 
 
@@ -320,6 +366,10 @@ def build_job(ftj: dict[str, Any], settings: OperatorSettings, features: ServerF
         volume = pvc_volume_name(claim)
         volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
         mounts.append({"name": volume, "mountPath": f"{contract.PVC_ROOT}/{claim}", "readOnly": read_only})
+    # The FineTuneJob's extra volumes (the schema's subset: persistentVolumeClaim, configMap, secret, emptyDir;
+    # names that are not the pod's own) and its mounts (under contract.MOUNT_ROOT, never over the trainer's paths).
+    volumes.extend(dict(volume) for volume in spec.get("volumes") or [])
+    mounts.extend(dict(mount) for mount in spec.get("volumeMounts") or [])
 
     node_selector = {**settings.default_node_selector, **spec.get("nodeSelector", {})}
     gpu_product = (spec.get("resources") or {}).get("gpuProduct")
@@ -334,6 +384,7 @@ def build_job(ftj: dict[str, Any], settings: OperatorSettings, features: ServerF
         "imagePullPolicy": settings.image_pull_policy,
         "command": list(settings.trainer_command),
         "env": _env(ftj, spec, settings) + [{"name": Env.TERMINATION_GRACE_SECONDS.value, "value": str(grace)}],
+        **({"envFrom": [dict(item) for item in spec["envFrom"]]} if spec.get("envFrom") else {}),
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "terminationMessagePath": contract.TERMINATION_LOG,
@@ -373,8 +424,10 @@ def build_job(ftj: dict[str, Any], settings: OperatorSettings, features: ServerF
         pod_spec["priorityClassName"] = spec["priorityClassName"]
     if settings.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
-    if settings.service_account_name:
-        pod_spec["serviceAccountName"] = settings.service_account_name
+    # The FineTuneJob's service account (allowed by pod_settings_refusal) for its cloud identity, else the
+    # operator's; automountServiceAccountToken stays false: no Kubernetes API token either way.
+    if spec.get("serviceAccountName") or settings.service_account_name:
+        pod_spec["serviceAccountName"] = spec.get("serviceAccountName") or settings.service_account_name
 
     job_labels = dict(labels)
     failures_left = max(0, spec["backoffLimit"] - prior_failures)

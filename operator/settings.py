@@ -88,6 +88,12 @@ class OperatorSettings:
     # Image prefixes spec.image may use besides trainer_image ("*": any). A user who may create FineTuneJobs
     # could otherwise run their own image with the token Secret of spec.model.tokenSecretRef in its env.
     allowed_images: tuple[str, ...] = ()
+    # Per-job pod settings (spec.serviceAccountName, Secrets in spec.env/envFrom/volumes), the chart's
+    # trainer.jobPodSettings: service accounts a FineTuneJob may run its pod as ("*": any; empty: none), and whether
+    # its spec may reference Secrets of its namespace. The operator creates the pod, so without these a user who may
+    # create FineTuneJobs but not Pods would get an identity or a Secret Kubernetes never granted them.
+    allowed_service_accounts: tuple[str, ...] = ()
+    allow_secrets: bool = True
     # Bounded retries of the FineTuneJob handlers, with backoff.
     handler_retries: int = 8
     handler_backoff_seconds: float = 2.0
@@ -177,6 +183,18 @@ class OperatorSettings:
                 raise SettingsError(f"{ENV_PREFIX}ALLOWED_IMAGES: expected image prefixes (a JSON list of strings "
                                     "or comma-separated)")
             values["allowed_images"] = tuple(item.strip() for item in prefixes if item.strip())
+        if get("ALLOWED_SERVICE_ACCOUNTS"):
+            raw = get("ALLOWED_SERVICE_ACCOUNTS")
+            names = json_value("ALLOWED_SERVICE_ACCOUNTS", list) if raw.lstrip().startswith("[") else raw.split(",")
+            if not all(isinstance(item, str) for item in names):
+                raise SettingsError(f"{ENV_PREFIX}ALLOWED_SERVICE_ACCOUNTS: expected service account names (a JSON "
+                                    "list of strings or comma-separated)")
+            values["allowed_service_accounts"] = tuple(item.strip() for item in names if item.strip())
+        if get("ALLOW_SECRETS"):
+            raw = get("ALLOW_SECRETS").lower()
+            if raw not in ("true", "false", "1", "0", "yes", "no"):
+                raise SettingsError(f"{ENV_PREFIX}ALLOW_SECRETS={get('ALLOW_SECRETS')!r}: expected true or false")
+            values["allow_secrets"] = raw in ("true", "1", "yes")
         if get("RESYNC_SECONDS"):
             values["resync_seconds"] = number("RESYNC_SECONDS", float, 0.5)
         if get("HANDLER_RETRIES"):
@@ -200,3 +218,7 @@ class OperatorSettings:
         if not image or image == self.trainer_image:
             return True
         return any(prefix == "*" or image.startswith(prefix) for prefix in self.allowed_images)
+
+    def service_account_allowed(self, name: str | None) -> bool:
+        """spec.serviceAccountName may be unset, or one of allowed_service_accounts ("*" allows any)."""
+        return not name or "*" in self.allowed_service_accounts or name in self.allowed_service_accounts

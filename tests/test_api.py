@@ -85,6 +85,22 @@ INVALID = [
     ("resources.memory", "lots", "resources.memory"),
     ("backoffLimit", -1, "backoffLimit"),
     ("training.unknownKnob", 1, "training.unknownKnob"),
+    # per-job pod settings: the trainer and the operator refuse what the CRD refuses, naming the field
+    ("env", [{"name": "KUBESLOTH_ENGINE", "value": "cpu"}], "env.0.name"),
+    ("env", [{"name": "LD_PRELOAD", "value": "/mnt/x.so"}], "env.0.name"),
+    ("env", [{"name": "MY-VAR", "value": "x"}], "env.0.name"),
+    ("env", [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}], "env"),
+    ("env", [{"name": "A", "value": "x", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}], "env.0"),
+    ("env", [{"name": "A", "valueFrom": {}}], "env.0.valueFrom"),
+    ("env", [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}], "env.0.valueFrom"),
+    ("envFrom", [{"secretRef": {"name": "s"}, "configMapRef": {"name": "c"}}], "envFrom.0"),
+    ("serviceAccountName", "Bad_SA", "serviceAccountName"),
+    ("volumes", [{"name": "root", "hostPath": {"path": "/"}}], "volumes.0"),
+    ("volumes", [{"name": "tmp", "emptyDir": {}}], "volumes.0.name"),
+    ("volumes", [{"name": "e", "emptyDir": {}}, {"name": "e", "emptyDir": {}}], "volumes"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt/pvc/models"}], "volumeMounts.0.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/usr/lib/python3"}], "volumeMounts.0.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt/a"}], "volumeMounts"),  # names no volume
 ]
 
 

@@ -157,6 +157,92 @@ SERVER_REJECTS = [
     ("dataset.maxSamples", 2**31, "spec.dataset.maxSamples"),
     ("ttlSecondsAfterFinished", 2**63 - 1, "spec.ttlSecondsAfterFinished"),
     ("activeDeadlineSeconds", 2**63 - 1, "spec.activeDeadlineSeconds"),
+] + [
+    # issue 14, item 3: per-job pod settings (env, envFrom, serviceAccountName, volumes, volumeMounts)
+    ("env", [{"name": "1ST", "value": "x"}], "spec.env.name"),
+    ("env", [{"name": "MY-VAR", "value": "x"}], "spec.env.name"),
+    ("env", [{"name": "my.var", "value": "x"}], "spec.env.name"),
+    ("env", [{"name": "", "value": "x"}], "spec.env.name"),
+    ("env", [{"name": "A" * 129, "value": "x"}], "spec.env.name"),
+    ("env", [{"value": "x"}], "spec.env.name"),
+    ("env", [{"name": "KUBESLOTH_ENGINE", "value": "cpu"}], "spec.env.name"),
+    ("env", [{"name": "KUBESLOTH_ANYTHING", "value": "x"}], "spec.env.name"),
+    ("env", [{"name": "HF_TOKEN", "value": "hf_x"}], "spec.env.name"),
+    ("env", [{"name": "HF_HOME", "value": "/mnt/hf"}], "spec.env.name"),
+    ("env", [{"name": "HF_ENDPOINT", "value": "https://evil.example"}], "spec.env.name"),
+    ("env", [{"name": "LD_PRELOAD", "value": "/mnt/x/evil.so"}], "spec.env.name"),
+    ("env", [{"name": "PYTHONPATH", "value": "/mnt/x"}], "spec.env.name"),
+    ("env", [{"name": "PATH", "value": "/mnt/x:/usr/bin"}], "spec.env.name"),
+    ("env", [{"name": "HOME", "value": "/mnt/x"}], "spec.env.name"),
+    ("env", [{"name": "TRITON_CACHE_DIR", "value": "/mnt/x"}], "spec.env.name"),
+    ("env", [{"name": "A", "value": "v" * 32769}], "spec.env.value"),
+    ("env", [{"name": "A", "value": "x", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "k"}}}], "spec.env"),
+    ("env", [{"name": "A", "valueFrom": {}}], "spec.env.valueFrom"),
+    ("env", [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"},
+                                         "configMapKeyRef": {"name": "cm", "key": "k"}}}], "spec.env.valueFrom"),
+    ("env", [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "Bad_Name", "key": "k"}}}],
+     "spec.env.valueFrom.secretKeyRef.name"),
+    ("env", [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s" * 254, "key": "k"}}}],
+     "spec.env.valueFrom.secretKeyRef.name"),
+    ("env", [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "my key"}}}],
+     "spec.env.valueFrom.secretKeyRef.key"),
+    ("env", [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s"}}}], "spec.env.valueFrom.secretKeyRef.key"),
+    ("env", [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "..k"}}}],
+     "spec.env.valueFrom.configMapKeyRef.key"),
+    ("env", [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}], "spec.env.valueFrom"),
+    ("env", [{"name": f"V{i}", "value": "x"} for i in range(65)], "spec.env"),
+    ("envFrom", [{}], "spec.envFrom"),
+    ("envFrom", [{"secretRef": {"name": "s"}, "configMapRef": {"name": "cm"}}], "spec.envFrom"),
+    ("envFrom", [{"secretRef": {"name": "Bad_Name"}}], "spec.envFrom.secretRef.name"),
+    ("envFrom", [{"configMapRef": {}}], "spec.envFrom.configMapRef.name"),
+    ("envFrom", [{"prefix": "1X_", "configMapRef": {"name": "cm"}}], "spec.envFrom.prefix"),
+    ("envFrom", [{"prefix": "P" * 65, "configMapRef": {"name": "cm"}}], "spec.envFrom.prefix"),
+    ("envFrom", [{"configMapRef": {"name": f"cm{i}"}} for i in range(17)], "spec.envFrom"),
+    ("serviceAccountName", "Bad_SA", "spec.serviceAccountName"),
+    ("serviceAccountName", "s" * 254, "spec.serviceAccountName"),
+    ("serviceAccountName", "", "spec.serviceAccountName"),
+    ("volumes", [{"name": "Bad_Name", "emptyDir": {}}], "spec.volumes.name"),
+    ("volumes", [{"name": "v" * 64, "emptyDir": {}}], "spec.volumes.name"),
+    ("volumes", [{"name": "a.b", "emptyDir": {}}], "spec.volumes.name"),
+    ("volumes", [{"name": "config", "emptyDir": {}}], "spec.volumes.name"),
+    ("volumes", [{"name": "cache", "emptyDir": {}}], "spec.volumes.name"),
+    ("volumes", [{"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}}], "spec.volumes.name"),
+    ("volumes", [{"name": "nothing"}], "spec.volumes"),
+    ("volumes", [{"name": "root", "hostPath": {"path": "/"}}], "spec.volumes"),  # not in the subset: no source
+    ("volumes", [{"name": "two", "emptyDir": {}, "configMap": {"name": "cm"}}], "spec.volumes"),
+    ("volumes", [{"name": "c", "persistentVolumeClaim": {"claimName": "Bad_Claim"}}],
+     "spec.volumes.persistentVolumeClaim.claimName"),
+    ("volumes", [{"name": "c", "persistentVolumeClaim": {}}], "spec.volumes.persistentVolumeClaim.claimName"),
+    ("volumes", [{"name": "c", "configMap": {"name": "c" * 254}}], "spec.volumes.configMap.name"),
+    ("volumes", [{"name": "s", "secret": {"secretName": "Bad"}}], "spec.volumes.secret.secretName"),
+    ("volumes", [{"name": "e", "emptyDir": {"medium": "HugePages"}}], "spec.volumes.emptyDir.medium"),
+    ("volumes", [{"name": "e", "emptyDir": {"sizeLimit": "lots"}}], "spec.volumes.emptyDir.sizeLimit"),
+    ("volumes", [{"name": f"e{i}", "emptyDir": {}} for i in range(17)], "spec.volumes"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/etc/kubesloth"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/var/cache/kubesloth"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/tmp"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/dev/shm"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/opt/kubesloth/lib"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt/pvc"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt/pvc/models"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt/../etc"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt/./pvc"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt//pvc"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt/data/"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "mnt/data"}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt/" + "d" * 512}], "spec.volumeMounts.mountPath"),
+    ("volumeMounts", [{"name": "Bad_Name", "mountPath": "/mnt/data"}], "spec.volumeMounts.name"),
+    ("volumeMounts", [{"name": "e"}], "spec.volumeMounts.mountPath"),
+]
+
+# Duplicates in a list-map (x-kubernetes-list-type: map, as a Pod's env, volumes and volumeMounts): the API server
+# refuses them ("Duplicate value"); JSON Schema has no such keyword, so only the server test runs these.
+SERVER_ONLY_REJECTS = [
+    ("env", [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}], "spec.env"),
+    ("volumes", [{"name": "e", "emptyDir": {}}, {"name": "e", "emptyDir": {}}], "spec.volumes"),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt/a"}, {"name": "f", "mountPath": "/mnt/a"}],
+     "spec.volumeMounts"),
 ]
 
 # The same rows fixed: accepted (and what only the operator can refuse is accepted at the door).
@@ -176,6 +262,21 @@ SCHEMA_ACCEPTS = [
     ("training.seed", 2**32 - 1),
     ("ttlSecondsAfterFinished", 2**31 - 1),
     ("activeDeadlineSeconds", 2**31 - 1),
+    ("env", [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}},
+             {"name": "_x1", "value": ""}, {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"},
+             {"name": "AWS_REGION", "valueFrom": {"configMapKeyRef": {"name": "aws", "key": "region",
+                                                                      "optional": True}}},
+             {"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "PYTHONUNBUFFERED", "value": "1"},
+             {"name": "A" * 128}]),
+    ("envFrom", [{"secretRef": {"name": "s3-credentials"}}, {"prefix": "MY_", "configMapRef": {"name": "cm",
+                                                                                             "optional": True}}]),
+    ("serviceAccountName", "trainer-irsa"),
+    ("volumes", [{"name": "data", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}},
+                 {"name": "conf", "configMap": {"name": "cm"}}, {"name": "creds", "secret": {"secretName": "gcp"}},
+                 {"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+                 {"name": "e", "emptyDir": {}}, {"name": "pvc", "emptyDir": {}}]),
+    ("volumeMounts", [{"name": "e", "mountPath": "/mnt/data"}, {"name": "e", "mountPath": "/mnt/pvcs/a.b_c-d",
+                                                                 "readOnly": True}, {"name": "e", "mountPath": "/mnt/pvcx"}]),
 ]
 
 
@@ -201,15 +302,19 @@ def test_schema_accepts_the_corrected_finetunejob(path, value):
     assert not list(_schema_validator().iter_errors(doc))
 
 
-@pytest.mark.parametrize("path,value", SCHEMA_ACCEPTS[:5], ids=[f"{p}={str(v)[:40]!r}" for p, v in SCHEMA_ACCEPTS[:5]])
+# The first rows, and the per-job pod settings (the last five: every kind of env source, volume and mount).
+SERVER_ACCEPTS = SCHEMA_ACCEPTS[:5] + SCHEMA_ACCEPTS[-5:]
+
+
+@pytest.mark.parametrize("path,value", SERVER_ACCEPTS, ids=[f"{p}={str(v)[:40]!r}" for p, v in SERVER_ACCEPTS])
 def test_server_accepts_the_corrected_finetunejob(kubectl, namespace, path, value):
     doc = _tiny("good")
     _set(doc, path, value)
     kubectl("apply", "--validate=false", "-n", namespace, "-f", "-", input=json.dumps(doc))
 
 
-@pytest.mark.parametrize("path,value,field", SERVER_REJECTS,
-                         ids=[f"{p}={str(v)[:40]!r}" for p, v, _ in SERVER_REJECTS])
+@pytest.mark.parametrize("path,value,field", SERVER_REJECTS + SERVER_ONLY_REJECTS,
+                         ids=[f"{p}={str(v)[:40]!r}" for p, v, _ in SERVER_REJECTS + SERVER_ONLY_REJECTS])
 def test_server_rejects_invalid_finetunejob(kubectl, namespace, path, value, field):
     doc = _tiny("bad")
     _set(doc, path, value)

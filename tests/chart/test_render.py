@@ -73,6 +73,10 @@ BAD_VALUES = [
     ({"operatr": {"logLevel": "debug"}}, "additional properties 'operatr' not allowed", ""),
     ({"grafanaDashboards": {"enabled": True, "labels": {"grafana_dashboard": 1}}},
      "/grafanaDashboards/labels/grafana_dashboard", "want string"),
+    ({"trainer": {"jobPodSettings": {"secrets": "no"}}}, "/trainer/jobPodSettings/secrets", "want boolean"),
+    ({"trainer": {"jobPodSettings": {"serviceAccountNames": ["Bad_SA"]}}},
+     "/trainer/jobPodSettings/serviceAccountNames/0", "does not match pattern"),
+    ({"trainer": {"jobPodSettings": {"serviceAccountName": ["a"]}}}, "additional properties 'serviceAccountName'", ""),
 ]
 
 
@@ -241,6 +245,28 @@ def test_trainer_pods_get_the_chart_pull_secrets(rendered):
     assert pod["imagePullSecrets"] == [{"name": "trainer-pull"}]
     assert pod["containers"][0]["image"] == "registry.example.com/ml/kubesloth-trainer:0.1.0-cu128"
     assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def test_job_pod_settings_reach_the_operator():
+    """trainer.jobPodSettings is what the operator enforces: by default no service account and Secrets allowed;
+    set, exactly the chart's values (the operator refuses a FineTuneJob beyond them, builders.pod_settings_refusal)."""
+    from kubesloth.operator.builders import pod_settings_refusal
+
+    default = OperatorSettings.from_env(render({}).operator_env())
+    assert default.allowed_service_accounts == () and default.allow_secrets is True
+    spec = builders.normalized({**_FTJ, "spec": {**_FTJ["spec"], "serviceAccountName": "trainer-irsa",
+                                                 "envFrom": [{"secretRef": {"name": "s3"}}]}})["spec"]
+    assert pod_settings_refusal(spec, default)[0] == "ServiceAccountNotAllowed"
+    out = render({"trainer": {"jobPodSettings": {"serviceAccountNames": ["trainer-irsa", "other"],
+                                                 "secrets": False}}})
+    env = out.operator_env()
+    assert json.loads(env["KUBESLOTH_OPERATOR_ALLOWED_SERVICE_ACCOUNTS"]) == ["trainer-irsa", "other"]
+    settings = OperatorSettings.from_env(env)
+    assert settings.allowed_service_accounts == ("trainer-irsa", "other") and settings.allow_secrets is False
+    assert pod_settings_refusal(spec, settings)[0] == "SecretsNotAllowed"
+    anyone = OperatorSettings.from_env(render({"trainer": {"jobPodSettings": {"serviceAccountNames": ["*"]}}})
+                                       .operator_env())
+    assert pod_settings_refusal(spec, anyone) is None
 
 
 # Helm merges a user's gpuPrices into the chart's table: overrides win, other products keep the chart's price

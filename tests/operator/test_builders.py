@@ -501,3 +501,146 @@ def test_the_job_for_this_server_keeps_every_field(cluster, kubectl, namespace):
     # (--validate=false: kubectl would refuse it client-side; the operator's client sends it as is)
     got = json.loads(kubectl("create", "--validate=false", "-o", "json", "-f", "-", input=json.dumps(newer)).stdout)
     assert ".spec.podFailurePolicy" in missing(newer, got)
+
+
+# --- per-job pod settings (issue 14, item 3): env, envFrom, serviceAccountName, volumes, volumeMounts ----------------
+POD_SETTINGS = {
+    "env": [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}},
+            {"name": "AWS_REGION", "valueFrom": {"configMapKeyRef": {"name": "aws", "key": "region",
+                                                                     "optional": True}}},
+            {"name": "RUN_NOTE", "value": "job $(KUBESLOTH_FINETUNEJOB)"}],
+    "envFrom": [{"secretRef": {"name": "s3-credentials"}}, {"prefix": "TEAM_", "configMapRef": {"name": "team"}}],
+    "serviceAccountName": "trainer-irsa",
+    "volumes": [{"name": "datasets", "persistentVolumeClaim": {"claimName": "shared-data", "readOnly": True}},
+                {"name": "conf", "configMap": {"name": "train-conf"}},
+                {"name": "gcp", "secret": {"secretName": "gcp-sa", "optional": True}},
+                {"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}],
+    "volumeMounts": [{"name": "datasets", "mountPath": "/mnt/datasets", "readOnly": True},
+                     {"name": "conf", "mountPath": "/mnt/conf"}, {"name": "gcp", "mountPath": "/mnt/secrets/gcp"},
+                     {"name": "scratch", "mountPath": "/mnt/scratch"}],
+}
+ALLOWING = dict(allowed_service_accounts=("trainer-irsa",), extra_env={"HF_HUB_OFFLINE": "1"})
+
+
+def test_pod_settings_reach_the_trainer_pod():
+    job = build_job(make_ftj(**copy.deepcopy(POD_SETTINGS)), OperatorSettings(**ALLOWING))
+    env = container(job)["env"]
+    names = [e["name"] for e in env]
+    # After the operator's own variables ($(KUBESLOTH_FINETUNEJOB) expands), each once, as written.
+    assert names.index("WANDB_API_KEY") > names.index(Env.JOB_NAME.value) and len(names) == len(set(names))
+    for item in POD_SETTINGS["env"]:
+        assert item in env
+    assert container(job)["envFrom"] == POD_SETTINGS["envFrom"]
+    assert pod_spec(job)["serviceAccountName"] == "trainer-irsa"
+    assert pod_spec(job)["automountServiceAccountToken"] is False  # the cloud identity, no Kubernetes API token
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    for volume in POD_SETTINGS["volumes"]:
+        assert volumes[volume["name"]] == volume
+    assert {"config", "tmp", "dshm", "cache", "pvc-models", "pvc-outputs"} <= volumes.keys()  # the pod's own stay
+    mounts = container(job)["volumeMounts"]
+    for mount in POD_SETTINGS["volumeMounts"]:
+        assert mount in mounts
+    paths = [m["mountPath"] for m in mounts]
+    assert len(paths) == len(set(paths)) and contract.CONFIG_DIR in paths and f"{contract.PVC_ROOT}/models" in paths
+
+
+def test_without_pod_settings_the_pod_is_as_before(settings):
+    job = build_job(make_ftj(), settings)
+    assert "envFrom" not in container(job) and "serviceAccountName" not in pod_spec(job)
+    assert not set(contract.PINNED_WITH_ENV_FROM) & set(env_of(job))
+    assert {v["name"] for v in pod_spec(job)["volumes"]} == {"config", "tmp", "dshm", "cache", "pvc-models",
+                                                            "pvc-data", "pvc-outputs"}
+    # The operator's own service account when the FineTuneJob names none.
+    own = build_job(make_ftj(), OperatorSettings(service_account_name="kubesloth-trainer"))
+    assert pod_spec(own)["serviceAccountName"] == "kubesloth-trainer"
+
+
+def test_env_from_pins_what_loads_code_and_the_hub_endpoint():
+    """envFrom's keys are unseen by the operator; Kubernetes lets `env` win over `envFrom`, so the pod pins them."""
+    job = build_job(make_ftj(envFrom=[{"configMapRef": {"name": "anything"}}]), OperatorSettings())
+    env = env_of(job)
+    for name, value in contract.PINNED_WITH_ENV_FROM.items():
+        assert env[name] == {"name": name, "value": value}
+    assert env["PYTHONNOUSERSITE"]["value"] == "1" and env["LD_PRELOAD"]["value"] == ""
+    # The admin's own value stands (an air-gapped mirror).
+    mirror = build_job(make_ftj(envFrom=[{"configMapRef": {"name": "anything"}}]),
+                       OperatorSettings(extra_env={"HF_ENDPOINT": "https://hf-mirror.internal"}))
+    assert [e for e in container(mirror)["env"] if e["name"] == "HF_ENDPOINT"] == [
+        {"name": "HF_ENDPOINT", "value": "https://hf-mirror.internal"}]
+
+
+def test_every_pinned_and_operator_env_name_is_reserved_in_the_schema(settings):
+    """What the operator sets and pins is exactly what a FineTuneJob may not set (the CRD refuses it)."""
+    from kubesloth.api.v1alpha1 import RESERVED_ENV_PATTERN
+    import re
+
+    job = build_job(make_ftj(envFrom=[{"configMapRef": {"name": "x"}}], **{"env": None}),
+                    OperatorSettings(extra_env={}))
+    for name in [e["name"] for e in container(job)["env"]] + list(builders.CACHE_ENV):
+        assert contract.reserved_env_name(name) and re.fullmatch(RESERVED_ENV_PATTERN, name), name
+    for volume in pod_spec(build_job(make_ftj(), settings))["volumes"]:
+        assert volume["name"] in contract.RESERVED_VOLUME_NAMES or volume["name"].startswith(
+            contract.RESERVED_VOLUME_PREFIX), volume["name"]
+
+
+def test_pod_settings_rule():
+    from kubesloth.operator.builders import pod_settings_refusal
+
+    spec = builders.normalized(make_ftj(**copy.deepcopy(POD_SETTINGS)))["spec"]
+    assert pod_settings_refusal(spec, OperatorSettings(**ALLOWING)) is None
+    assert pod_settings_refusal(builders.normalized(make_ftj())["spec"], OperatorSettings()) is None
+    # A service account only where the install allows it (default: none).
+    reason, message = pod_settings_refusal(spec, OperatorSettings())
+    assert reason == "ServiceAccountNotAllowed" and message.startswith("spec.serviceAccountName: 'trainer-irsa'")
+    assert "trainer.jobPodSettings.serviceAccountNames" in message
+    assert pod_settings_refusal(spec, OperatorSettings(allowed_service_accounts=("*",))) is None
+    assert pod_settings_refusal(spec, OperatorSettings(allowed_service_accounts=("other",)))[0] == \
+        "ServiceAccountNotAllowed"
+    # Secrets in env, envFrom and volumes only where the install allows them (default: allowed).
+    reason, message = pod_settings_refusal(spec, OperatorSettings(allow_secrets=False, **ALLOWING))
+    assert reason == "SecretsNotAllowed"
+    assert message.startswith("spec.env[0].valueFrom.secretKeyRef, spec.envFrom[0].secretRef, spec.volumes[2].secret:")
+    no_secrets = copy.deepcopy(POD_SETTINGS)
+    no_secrets["env"] = no_secrets["env"][1:]
+    no_secrets["envFrom"] = no_secrets["envFrom"][1:]
+    no_secrets["volumes"] = [v for v in no_secrets["volumes"] if "secret" not in v]
+    no_secrets["volumeMounts"] = [m for m in no_secrets["volumeMounts"] if m["name"] != "gcp"]
+    quiet = builders.normalized(make_ftj(**no_secrets))["spec"]
+    assert pod_settings_refusal(quiet, OperatorSettings(allow_secrets=False, **ALLOWING)) is None
+    # A name the operator's extra env sets for every pod is the admin's.
+    clash = builders.normalized(make_ftj(env=[{"name": "HF_HUB_OFFLINE", "value": "0"}]))["spec"]
+    reason, message = pod_settings_refusal(clash, OperatorSettings(extra_env={"HF_HUB_OFFLINE": "1"}))
+    assert reason == "InvalidSpec" and message.startswith("spec.env[0].name: 'HF_HUB_OFFLINE'")
+
+
+def test_pod_settings_from_env():
+    read = OperatorSettings.from_env
+    assert read({}).allowed_service_accounts == () and read({}).allow_secrets is True
+    assert read({"KUBESLOTH_OPERATOR_ALLOWED_SERVICE_ACCOUNTS": '["a", "b"]'}).allowed_service_accounts == ("a", "b")
+    assert read({"KUBESLOTH_OPERATOR_ALLOWED_SERVICE_ACCOUNTS": "a, *"}).allowed_service_accounts == ("a", "*")
+    assert read({"KUBESLOTH_OPERATOR_ALLOW_SECRETS": "false"}).allow_secrets is False
+    with pytest.raises(SettingsError, match="ALLOW_SECRETS"):
+        read({"KUBESLOTH_OPERATOR_ALLOW_SECRETS": "maybe"})
+    with pytest.raises(SettingsError, match="ALLOWED_SERVICE_ACCOUNTS"):
+        read({"KUBESLOTH_OPERATOR_ALLOWED_SERVICE_ACCOUNTS": "[1]"})
+
+
+def test_a_mount_of_no_volume_is_refused_naming_the_field():
+    """The schema cannot refer across fields: the types refuse it (the operator's InvalidSpec, nothing created)."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        builders.normalized(make_ftj(volumes=[{"name": "a", "emptyDir": {}}],
+                                     volumeMounts=[{"name": "b", "mountPath": "/mnt/b"}]))
+    (error,) = err.value.errors()
+    assert error["loc"] == ("spec", "volumeMounts") and "[0].name: 'b' is not in spec.volumes" in error["msg"]
+
+
+def test_a_job_with_every_pod_setting_is_kept_by_the_real_server(cluster, kubectl, namespace):
+    """The v1.20 API server takes the Job as built and drops nothing (a dropped field would be a silent no-op)."""
+    ftj = make_ftj(**copy.deepcopy(POD_SETTINGS))
+    ftj["metadata"]["namespace"] = namespace
+    job = build_job(ftj, OperatorSettings(**ALLOWING), V1_20)
+    job["metadata"].pop("ownerReferences")
+    created = json.loads(kubectl("create", "-o", "json", "-f", "-", input=json.dumps(job)).stdout)
+    assert missing(job, created) == []

@@ -407,6 +407,10 @@ def plan(inputs: Inputs) -> Plan:
             refusal = builders.image_refusal(effective["spec"], inputs.settings)
             if refusal:
                 return _after(result, blocked(ftj, now, "ImageNotAllowed", refusal))
+            # Per-job pod settings beyond what this install allows (the chart's trainer.jobPodSettings).
+            refused_settings = builders.pod_settings_refusal(effective["spec"], inputs.settings)
+            if refused_settings:
+                return _after(result, blocked(ftj, now, *refused_settings))
             # Counted on earlier Jobs of this run (suspend/resume, a recreate) carry over to the new one.
             job_body = builders.build_job(effective, inputs.settings, inputs.features,
                                           int(old.get("interruptions") or 0), int(old.get("failures") or 0))

@@ -287,6 +287,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if facts.get("lock") is not None:
             facts["lock"].release()
+    # The outcome is decided: a SIGTERM from now on must not change it. Python's finalization puts the default
+    # action back for signals with a Python handler, so a SIGTERM while the interpreter shuts down (torch's
+    # teardown takes a while) turned a finished run's exit 0 into 143 (a failed pod, retried); ignored signals
+    # stay ignored.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     message = clean_message(message)
     reason = EXIT_REASONS.get(code, "Succeeded")
     write_termination_log(contract.with_state(message if code == ExitCode.OK else f"{reason}: {message}",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +27,10 @@ from kubesloth.trainer.checkpoints import METADATA_FILE
 from kubesloth.trainer.data import CausalLMCollator
 from kubesloth.trainer.engines.base import RunContext, TrainResult, planned_steps, warmup_steps
 from kubesloth.trainer.memory import snapshot
+
+# Test-only: sleep this long after every optimizer step, so an end-to-end test can signal a tiny CPU run mid-run
+# on a fast or a loaded machine alike (the steps, losses and checkpoints are the same).
+TEST_STEP_DELAY_ENV = "KUBESLOTH_TEST_STEP_DELAY_SECONDS"
 
 
 def training_arguments(ctx: RunContext, rows: int, **device: Any) -> dict[str, Any]:
@@ -151,6 +156,10 @@ class Bridge(TrainerCallback):
         self.train_started_at = 0.0
         self.checkpoint_seconds = 0.0
         self._save_started: Optional[float] = None
+        try:
+            self._test_step_delay = max(0.0, float(os.environ.get(TEST_STEP_DELAY_ENV) or 0))
+        except ValueError:
+            self._test_step_delay = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         if not self.started:  # here, not in on_train_begin: a resumed state is loaded after that event
@@ -165,6 +174,8 @@ class Bridge(TrainerCallback):
                 rows=self.rows))
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._test_step_delay:
+            time.sleep(self._test_step_delay)
         if self.ctx.stop.is_set() and state.global_step < state.max_steps:  # at the last step: just finish
             self.interrupted = True
             # Only if it can be written before SIGKILL (else stop without starting it: the newest stays whole).

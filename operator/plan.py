@@ -32,6 +32,13 @@ UNKNOWN_FIELDS = "UnknownFields"
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 # Status fields read from the trainer's metrics (operator/progress.py): written apart from the phase.
 BEST_EFFORT_STATUS = frozenset({"progress", "cost"})
+# Seconds the run was active (its Jobs not suspended) before now: on a Job, those of earlier periods and earlier
+# Jobs; on the ConfigMap, those of Jobs deleted since (suspend on v1.20, a recreate): the activeDeadlineSeconds
+# budget is what is left of spec.activeDeadlineSeconds.
+ANNOTATION_ACTIVE_SECONDS = "kubesloth.io/active-seconds"
+# The FineTuneJob generation whose spec.suspend=true the operator set on the Job (Job.spec.suspend servers): a
+# Job of a queue found unsuspended again for that same generation was admitted again by Kueue.
+ANNOTATION_SUSPENDED_GENERATION = "kubesloth.io/suspended-generation"
 
 
 # --- actions: one API call each -----------------------------------------------------------------------------------
@@ -77,6 +84,22 @@ class StopJob:
     name: str
     uid: str
     label: str = "stopped Job (failed)"
+
+
+@dataclass(frozen=True)
+class PatchJob:
+    """A patch of the Job with its uid as a precondition (Job.spec.suspend, the deadline left, annotations)."""
+    name: str
+    uid: str
+    patch: dict[str, Any]
+    label: str
+
+
+@dataclass(frozen=True)
+class ReplaceConfigMap:
+    """PUT of the run's ConfigMap (its resourceVersion a precondition): the active seconds of a deleted Job."""
+    body: dict[str, Any]
+    label: str = "recorded active seconds"
 
 
 @dataclass(frozen=True)
@@ -226,6 +249,69 @@ def pods_of_job(pods: list[dict[str, Any]], job: Optional[dict[str, Any]], name:
             return []
         return [p for p in pods if (p["metadata"].get("labels") or {}).get("controller-uid") == uid]
     return [p for p in pods if (p["metadata"].get("annotations") or {}).get(builders.ANNOTATION_FTJ) == name]
+
+
+def queue_of(job: Optional[dict[str, Any]]) -> Optional[str]:
+    """The Kueue queue of the Job (the label build_job sets from spec.queueName): Kueue owns its suspend."""
+    return ((job or {}).get("metadata", {}).get("labels") or {}).get(builders.LABEL_QUEUE)
+
+
+def job_suspended(job: Optional[dict[str, Any]]) -> bool:
+    return bool(((job or {}).get("spec") or {}).get("suspend"))
+
+
+def _int_annotation(obj: Optional[dict[str, Any]], key: str) -> int:
+    try:
+        return max(0, int(((obj or {}).get("metadata", {}).get("annotations") or {}).get(key) or 0))
+    except ValueError:
+        return 0
+
+
+def active_seconds(job: dict[str, Any], now: datetime) -> int:
+    """Seconds the run has been active as this Job knows it: its annotation (earlier suspend periods, earlier
+    Jobs) plus the open period (from status.startTime, which Kubernetes resets at each resume, to its finish or
+    now; none while suspended)."""
+    prior = _int_annotation(job, ANNOTATION_ACTIVE_SECONDS)
+    start = status_mod.parse_time((job.get("status") or {}).get("startTime"))
+    if job_suspended(job) or start is None:
+        return prior
+    done = status_mod.job_condition(job, "Complete") or status_mod.job_condition(job, "Failed")
+    end = status_mod.parse_time((done or {}).get("lastTransitionTime")) or now
+    return prior + max(0, int((end - start).total_seconds()))
+
+
+def deadline_left(spec: dict[str, Any], used: int) -> Optional[int]:
+    """The Job's activeDeadlineSeconds: what is left of the run's (at least 1: a spent budget fails the Job at
+    once with DeadlineExceeded); None without a deadline."""
+    total = spec.get("activeDeadlineSeconds")
+    return max(1, int(total) - used) if total else None
+
+
+def record_active(configmap: Optional[dict[str, Any]], seconds: int) -> list[Action]:
+    """Keep the active seconds of a Job about to be deleted on the run's ConfigMap (the next Job starts there)."""
+    if configmap is None or _int_annotation(configmap, ANNOTATION_ACTIVE_SECONDS) == seconds:
+        return []
+    body = copy.deepcopy(configmap)
+    body["metadata"].setdefault("annotations", {})[ANNOTATION_ACTIVE_SECONDS] = str(seconds)
+    return [ReplaceConfigMap(body)]
+
+
+def _alive_or_stopping(pod: dict[str, Any]) -> bool:
+    return deleting(pod) or (pod.get("status") or {}).get("phase") in (None, "Pending", "Running")
+
+
+def _stopped_by_suspend(job: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods of a suspended Job that its suspend deleted (the Job controller deletes the active pods; Kueue's
+    preemption is a suspend too) and that ended as an interruption: not counted, like the pods of a Job deleted
+    for a suspend on v1.20."""
+    if job is None or deleting(job) or not job_suspended(job):
+        return []
+    stopped = []
+    for pod in pods:
+        attempt = status_mod.classify_pod(pod) if deleting(pod) else None
+        if attempt is not None and attempt.kind == status_mod.INTERRUPTION:
+            stopped.append(pod)
+    return stopped
 
 
 def _with_status(ftj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
@@ -397,12 +483,12 @@ def plan(inputs: Inputs) -> Plan:
         refused = does_not_fit(ftj, now, planned)
         refused.first = result.first + refused.first
         return refused
+    deadline = bool(effective["spec"].get("activeDeadlineSeconds"))
+    status_spec = effective["spec"]
     if not finished:
         if effective["spec"].get("suspend"):
             if job is not None and not deleting(job):
-                result.first.append(DeleteJob(job["metadata"]["name"], job["metadata"]["uid"],
-                                              "deleted Job (suspend)"))
-                job = _deleted_view(job, now)
+                job = _suspend(inputs, ftj, job, deadline, result)
         elif job is None:
             refusal = builders.image_refusal(effective["spec"], inputs.settings)
             if refusal:
@@ -419,7 +505,15 @@ def plan(inputs: Inputs) -> Plan:
                 return _after(result, blocked(ftj, now, "InvalidSpec", refusal))
             if inputs.backoff_left is not None and inputs.backoff_left > 0:
                 return _after(result, Plan(phase=old.get("phase"), retry_after=inputs.backoff_left))
+            # Earlier Jobs of this run were active that long (a pending pod counts, as for Kubernetes' deadline):
+            # the new one gets what is left.
+            used = _int_annotation(configmap, ANNOTATION_ACTIVE_SECONDS) if deadline else 0
+            if used:
+                job_body["metadata"]["annotations"][ANNOTATION_ACTIVE_SECONDS] = str(used)
+                job_body["spec"]["activeDeadlineSeconds"] = deadline_left(effective["spec"], used)
             cm_body = builders.build_configmap(ftj, inputs.settings)
+            if used:  # a ConfigMap rewritten (the run never started) keeps the count
+                cm_body["metadata"]["annotations"][ANNOTATION_ACTIVE_SECONDS] = str(used)
             stale = configmap is not None and not run_started and (configmap.get("data") or {}) != cm_body["data"]
             if configmap is None:
                 result.first.append(CreateChildren(job_body, cm_body))
@@ -432,16 +526,78 @@ def plan(inputs: Inputs) -> Plan:
         elif deleting(job):
             # Resumed while the suspended Job's pod is still stopping: create the new Job once it is gone.
             result.retry_after = 1.0
+        elif inputs.features.job_suspend and job_suspended(job) and not queue_of(job):
+            # Resumed, the Job suspended by us (a Job of a queue is Kueue's to unsuspend, never ours). Not while
+            # a pod of it still stops: 1.22-1.28 have no podReplacementPolicy, and two trainers would write one
+            # output; until then the status says the pod is stopping.
+            stopping = [p for p in pods_of_job(inputs.pods, job, name) if _alive_or_stopping(p)]
+            if stopping:
+                result.retry_after = 1.0
+                status_spec = {**effective["spec"], "suspend": True}
+            else:
+                patch: dict[str, Any] = {"metadata": {"uid": job["metadata"]["uid"]}, "spec": {"suspend": False}}
+                if deadline:
+                    patch["spec"]["activeDeadlineSeconds"] = deadline_left(effective["spec"],
+                                                                           active_seconds(job, now))
+                result.first.append(PatchJob(job["metadata"]["name"], job["metadata"]["uid"], patch,
+                                             "resumed Job"))
+                job = _patched_view(job, patch)
 
-    pods = pods_of_job(inputs.pods, job, name)
-    live = {**ftj, "spec": effective["spec"]}
+    all_pods = pods_of_job(inputs.pods, job, name)
+    stopped = _stopped_by_suspend(job, all_pods)
+    pods = [p for p in all_pods if not any(p is s for s in stopped)]
+    live = {**ftj, "spec": status_spec}
     new_status = status_mod.derive_status(live, job, pods, now, changed)
+    if stopped:  # not counted, but what they said of their checkpoint stands
+        checkpoint, output, _ = status_mod.checkpoint_and_output(status_spec, old, all_pods)
+        new_status.update({k: v for k, v in (("checkpoint", checkpoint), ("output", output)) if v})
     if planned is not None:
         new_status.update(estimate_status(ftj, planned, new_status, now))
-    result.status, result.job, result.pods = new_status, job, pods
+    result.status, result.job, result.pods = new_status, job, all_pods
     result.phase = new_status["phase"]
-    result.then = after_status(ftj, old, job, new_status, changed, effective["spec"], now, result)
+    result.then = after_status(ftj, old, job, new_status, changed, effective["spec"], now, result,
+                               configmap if deadline else None)
     return result
+
+
+def _patched_view(job: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    view = copy.deepcopy(job)
+    view["metadata"].setdefault("annotations", {}).update(patch.get("metadata", {}).get("annotations") or {})
+    view["spec"].update(patch.get("spec") or {})
+    return view
+
+
+def _suspend(inputs: Inputs, ftj: dict[str, Any], job: dict[str, Any], deadline: bool, result: Plan
+             ) -> dict[str, Any]:
+    """spec.suspend=true on a live Job; returns the Job as the actions leave it.
+
+    Servers with Job.spec.suspend (ServerFeatures.job_suspend): the Job's spec.suspend=true (its controller
+    deletes the pod; SIGTERM, the grace period, the interrupt checkpoint), the Job, its pods' history and its
+    counts stay. A Job of a queue too: suspend is Kueue's field, but a user's suspend is a stop; if Kueue
+    unsuspends it again for the same generation (it starts the Jobs of admitted Workloads), the operator does
+    not fight it: it deletes the Job (Kueue drops the Workload and its quota) and recreates it, suspended and
+    queued, on resume. v1.20 (no Job.spec.suspend): the Job is deleted (Foreground) and recreated on resume."""
+    meta, now = job["metadata"], inputs.now
+    generation = str(ftj["metadata"].get("generation"))
+    if inputs.features.job_suspend:
+        marked = (meta.get("annotations") or {}).get(ANNOTATION_SUSPENDED_GENERATION) == generation
+        if job_suspended(job) and (marked or not queue_of(job)):
+            return job
+        # (A queued Job, still suspended, is marked too: when Kueue admits it, it is not the user's to run.)
+        if not (queue_of(job) and marked):
+            patch: dict[str, Any] = {"metadata": {"uid": meta["uid"], "annotations": {
+                ANNOTATION_SUSPENDED_GENERATION: generation}}, "spec": {"suspend": True}}
+            if deadline:
+                patch["metadata"]["annotations"][ANNOTATION_ACTIVE_SECONDS] = str(active_seconds(job, now))
+            result.first.append(PatchJob(meta["name"], meta["uid"], patch, "suspended Job"))
+            return _patched_view(job, patch)
+        result.first.append(Event("Warning", "KueueUnsuspended", (
+            f"Kueue started Job {meta['name']} of queue {queue_of(job)} again after the operator suspended it; "
+            "deleting the Job instead (Kueue drops its Workload); spec.suspend=false creates it again, queued")))
+    if deadline:
+        result.first += record_active(inputs.configmap, active_seconds(job, now))
+    result.first.append(DeleteJob(meta["name"], meta["uid"], "deleted Job (suspend)"))
+    return _deleted_view(job, now)
 
 
 def _after(prelude: Plan, tail: Plan) -> Plan:
@@ -451,7 +607,7 @@ def _after(prelude: Plan, tail: Plan) -> Plan:
 
 def after_status(ftj: dict[str, Any], old: dict[str, Any], job: Optional[dict[str, Any]],
                  new_status: dict[str, Any], changed: list[str], spec: dict[str, Any], now: datetime,
-                 result: Plan) -> list[Action]:
+                 result: Plan, deadline_configmap: Optional[dict[str, Any]] = None) -> list[Action]:
     """What follows from the derived status: its patches (phase and conditions first, in a patch of their own;
     then progress/cost, read from the trainer, which the user's code runs in: a value the API server refuses there
     costs that patch, never the phase), the Job stopped or deleted when the run's counts say so, the events,
@@ -468,7 +624,9 @@ def after_status(ftj: dict[str, Any], old: dict[str, Any], job: Optional[dict[st
             # interruptions): no more pods; the failed ones (and their logs) stay.
             then.append(StopJob(job["metadata"]["name"], job["metadata"]["uid"]))
         elif condition_reason(new_status, "Running") == status_mod.RESUMING and status_mod.job_finished(job):
-            # The Job gave up on interruptions: deleted, and recreated once gone (the counts carry over).
+            # The Job gave up on interruptions: deleted, and recreated once gone (the counts carry over; with a
+            # deadline, the seconds it was active too).
+            then += record_active(deadline_configmap, active_seconds(job, now)) if deadline_configmap else []
             then.append(DeleteJob(job["metadata"]["name"], job["metadata"]["uid"], "deleted Job (recreate to resume)"))
     if new_status["phase"] != old.get("phase"):
         kind = "Warning" if new_status["phase"] in WARNING_PHASES else "Normal"

@@ -244,6 +244,12 @@ class Reconciler:
         elif isinstance(action, plan_mod.StopJob):
             self.api.stop_job(namespace, action.name, action.uid)
             outcome.actions.append(action.label)
+        elif isinstance(action, plan_mod.PatchJob):
+            self._patch_job(namespace, action)
+            outcome.actions.append(action.label)
+        elif isinstance(action, plan_mod.ReplaceConfigMap):
+            self.api.replace_configmap(action.body)  # 409 when it changed since read: the handler's retry
+            outcome.actions.append(action.label)
         elif isinstance(action, plan_mod.DeleteFineTuneJob):
             self.api.delete_ftj(namespace, action.name, action.uid)
             outcome.actions.append(action.label)
@@ -252,6 +258,16 @@ class Reconciler:
         else:
             raise TypeError(f"unknown action {action!r}")
         return None
+
+    def _patch_job(self, namespace: str, action: plan_mod.PatchJob) -> None:
+        """A strategic-merge patch of the Job, `metadata.uid` in it a precondition (409 if the Job was replaced);
+        gone (404) or replaced (409): the next reconcile sees what is there. (KubeApi has no general Job patch:
+        stop_job is the only other one.)"""
+        try:
+            self.api.batch.patch_namespaced_job(action.name, namespace, action.patch, _preload_content=False)
+        except ApiException as err:
+            if err.status not in (404, 409):
+                raise
 
     def _finish(self, ftj: dict[str, Any], plan: plan_mod.Plan) -> Outcome:
         """Execute a plan that stops early (a refusal: its status patch and event)."""

@@ -122,6 +122,8 @@ def summary(plan: plan_mod.Plan) -> list[str]:
 
 
 def describe(action: Any) -> str:
+    if isinstance(action, (plan_mod.PatchJob, plan_mod.ReplaceConfigMap)):
+        return action.label
     return type(action).__name__
 
 
@@ -362,9 +364,167 @@ SCENARIOS = [
     Scenario("a refused creation waits out its backoff", ALL, backoff_pause, None, None, [], retry_after=40.0),
 ]
 
+# --- suspend/resume: v1.20 deletes and recreates the Job; servers with Job.spec.suspend (>= 1.22) suspend it -----
+GEN = "2"  # make_ftj's generation
+
+
+def check_suspend_patch(plan, features):
+    patch = next(a.patch for a in plan.actions if isinstance(a, plan_mod.PatchJob))
+    assert patch == {"metadata": {"uid": "job-uid", "annotations": {plan_mod.ANNOTATION_SUSPENDED_GENERATION: GEN}},
+                     "spec": {"suspend": True}}
+    assert plan.job["spec"]["suspend"] is True and not plan.job["metadata"].get("deletionTimestamp")
+
+
+def suspended_job(f, pods=(), queue=None, marked=True, **status):
+    ftj = make_ftj(started(phase="Suspended", **status), suspend=True, **({"queueName": queue} if queue else {}))
+    job = make_job(ftj, f, suspend=True, prior=(status.get("interruptions", 0), status.get("failures", 0)))
+    if marked:
+        job["metadata"]["annotations"][plan_mod.ANNOTATION_SUSPENDED_GENERATION] = GEN
+    return {"ftj": ftj, "job": job, "configmap": make_configmap(ftj), "pods": list(pods)}
+
+
+def stopped_by_suspend(f):
+    """The Job controller deleted the pod for the suspend; the trainer checkpointed at step 40 and exited 6."""
+    from kubesloth.api.contract import with_state
+
+    pod = ended("run-trainer-a", int(ExitCode.INTERRUPTED), deleting=True)
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = with_state(
+        "checkpointed", {"checkpoint": {"step": 40, "path": "checkpoint-40"}, "interrupt": "written"})
+    earlier = ended("run-trainer-0", 1, created="2026-12-01T10:00:00Z")  # a failure before the suspend: counted
+    return suspended_job(f, pods=[earlier, pod], failures=0)
+
+
+def check_not_counted(plan, features):
+    assert plan.status["interruptions"] == 0 and plan.status["failures"] == 1  # the earlier failure only
+    assert plan.status["checkpoint"]["step"] == 40 and plan.status["checkpoint"]["interruptCheckpoint"] == "Written"
+
+
+def resumed(f, pods=(), **kw):
+    given = suspended_job(f, pods=pods, interruptions=1, failures=1, **kw)
+    given["ftj"] = make_ftj(given["ftj"]["status"], generation=3, **{k: v for k, v in given["ftj"]["spec"].items()
+                                                                      if k != "suspend"})
+    return given
+
+
+def check_resume_patch(plan, features):
+    patch = next(a.patch for a in plan.actions if isinstance(a, plan_mod.PatchJob))
+    assert patch == {"metadata": {"uid": "job-uid"}, "spec": {"suspend": False}}
+    assert plan.status["interruptions"] == 1 and plan.status["failures"] == 1  # the Job's prior-* annotations
+
+
+def kueue_running(f):
+    ftj = make_ftj(started(), suspend=True, queueName="team-a")
+    return {"ftj": ftj, "job": make_job(ftj, f, suspend=False), "configmap": make_configmap(ftj), "pods": [running()]}
+
+
+def kueue_readmitted(f):
+    given = kueue_running(f)
+    given["job"]["metadata"]["annotations"][plan_mod.ANNOTATION_SUSPENDED_GENERATION] = GEN
+    return given
+
+
+def kueue_preempted(f):
+    """Kueue suspended the Job to preempt it (the FineTuneJob is not suspended): the stopped pod is no failure and
+    no interruption; Kueue readmits it."""
+    ftj = make_ftj(started(), queueName="team-a")
+    job = make_job(ftj, f, suspend=True)
+    return {"ftj": ftj, "job": job, "configmap": make_configmap(ftj),
+            "pods": [ended("run-trainer-a", int(ExitCode.INTERRUPTED), deleting=True)]}
+
+
+def check_kueue_preempted(plan, features):
+    assert plan.status["interruptions"] == 0 and plan.status["failures"] == 0
+
+
+# --- the activeDeadlineSeconds budget survives suspend/resume ----------------------------------------------------
+def deadline_suspend(f):
+    ftj = make_ftj(started(), suspend=True, activeDeadlineSeconds=7200)
+    job = make_job(ftj, f)
+    job["metadata"]["annotations"][plan_mod.ANNOTATION_ACTIVE_SECONDS] = "600"  # an earlier period
+    return {"ftj": ftj, "job": job, "configmap": make_configmap(ftj), "pods": [running()]}
+
+
+def check_deadline_suspend_patch(plan, features):
+    patch = next(a.patch for a in plan.actions if isinstance(a, plan_mod.PatchJob))
+    # 600 s before + 11:00 -> 12:00 in this period
+    assert patch["metadata"]["annotations"][plan_mod.ANNOTATION_ACTIVE_SECONDS] == "4200"
+
+
+def check_deadline_recorded(plan, features):
+    body = next(a.body for a in plan.actions if isinstance(a, plan_mod.ReplaceConfigMap))
+    assert body["metadata"]["annotations"][plan_mod.ANNOTATION_ACTIVE_SECONDS] == "4200"
+    assert body["metadata"]["resourceVersion"] == "7"  # a precondition: a stale read is refused (409)
+
+
+def deadline_resume(used):
+    def given(f):
+        ftj = make_ftj(started(phase="Suspended"), generation=3, activeDeadlineSeconds=7200)
+        job = make_job(ftj, f, suspend=True)
+        job["metadata"]["annotations"][plan_mod.ANNOTATION_ACTIVE_SECONDS] = str(used)
+        job["status"].pop("startTime")  # Kubernetes clears it while suspended and sets it again on resume
+        return {"ftj": ftj, "job": job, "configmap": make_configmap(ftj), "pods": []}
+    return given
+
+
+def check_deadline_left(left):
+    def check(plan, features):
+        patch = next(a.patch for a in plan.actions if isinstance(a, plan_mod.PatchJob))
+        assert patch["spec"] == {"suspend": False, "activeDeadlineSeconds": left}
+    return check
+
+
+def deadline_recreate(f):
+    ftj = make_ftj(started(phase="Suspended"), generation=3, activeDeadlineSeconds=7200)
+    configmap = make_configmap(ftj)
+    configmap["metadata"]["annotations"][plan_mod.ANNOTATION_ACTIVE_SECONDS] = "4200"
+    return {"ftj": ftj, "job": None, "configmap": configmap, "pods": []}
+
+
+def check_deadline_on_new_job(plan, features):
+    job = created_job(plan)
+    assert job["spec"]["activeDeadlineSeconds"] == 3000
+    assert job["metadata"]["annotations"][plan_mod.ANNOTATION_ACTIVE_SECONDS] == "4200"
+
+
 SUSPEND_SCENARIOS = [
     Scenario("suspend on v1.20: the Job is deleted (Foreground)", [V1_20], suspend_running, "Suspended",
              "Suspending", ["deleted Job (suspend)", "event Normal Suspended"]),
+    Scenario("suspend with Job.spec.suspend: the Job is suspended, not deleted", NEWER, suspend_running,
+             "Suspended", "Suspending", ["suspended Job", "event Normal Suspended"], check_suspend_patch),
+    Scenario("suspended: the pod the suspend stopped is not counted, its checkpoint is", NEWER, stopped_by_suspend,
+             "Suspended", "Suspended", [], check_not_counted),
+    Scenario("resume with Job.spec.suspend: unsuspended, the counts kept", NEWER, resumed, "Pending",
+             "PodCreating", ["resumed Job", "event Normal Pending"], check_resume_patch),
+    Scenario("resume while the stopped pod still terminates: wait (no two trainers)", NEWER,
+             lambda f: resumed(f, pods=[running(deleting=True)]), "Suspended", "Suspending", [],
+             retry_after=1.0),
+    Scenario("queue, suspend: the admitted Job gets suspend=true", NEWER, kueue_running, "Suspended",
+             "Suspending", ["suspended Job", "event Normal Suspended"], check_suspend_patch),
+    Scenario("queue, suspend of a Job still queued: marked, so that Kueue's admission is not the user's resume",
+             NEWER, lambda f: suspended_job(f, queue="team-a", marked=False), "Suspended", "Suspended",
+             ["suspended Job"]),
+    Scenario("queue: Kueue unsuspended it again for the same suspend: no fight, delete", NEWER, kueue_readmitted,
+             "Suspended", "Suspending",
+             ["event Warning KueueUnsuspended", "deleted Job (suspend)", "event Normal Suspended"]),
+    Scenario("queue, resume: never unsuspended by the operator, Kueue admits it", NEWER,
+             lambda f: resumed(f, queue="team-a"), "Queued", "Queued", ["event Normal Queued"]),
+    Scenario("queue: Kueue preempted it (suspended the Job): not counted", NEWER, kueue_preempted, "Queued",
+             "Queued", ["event Normal Queued"], check_kueue_preempted),
+    Scenario("queue on v1.20: suspend deletes", [V1_20], kueue_running, "Suspended", "Suspending",
+             ["deleted Job (suspend)", "event Normal Suspended"]),
+    Scenario("deadline, suspend: the active seconds go with the suspend patch", NEWER, deadline_suspend,
+             "Suspended", "Suspending", ["suspended Job", "event Normal Suspended"], check_deadline_suspend_patch),
+    Scenario("deadline, suspend on v1.20: the active seconds go to the ConfigMap before the delete", [V1_20],
+             deadline_suspend, "Suspended", "Suspending",
+             ["recorded active seconds", "deleted Job (suspend)", "event Normal Suspended"], check_deadline_recorded),
+    Scenario("deadline, resume: the Job gets what is left", NEWER, deadline_resume(4200), "Pending", "PodCreating",
+             ["resumed Job", "event Normal Pending"], check_deadline_left(3000)),
+    Scenario("deadline spent while suspended: 1 s left (fails with DeadlineExceeded)", NEWER,
+             deadline_resume(9000), "Pending", "PodCreating", ["resumed Job", "event Normal Pending"],
+             check_deadline_left(1)),
+    Scenario("deadline, recreate (v1.20 resume, or after Kueue's delete): the new Job gets what is left", ALL,
+             deadline_recreate, "Pending", "PodCreating", ["create Job", "event Normal Pending"],
+             check_deadline_on_new_job),
 ]
 
 
@@ -423,3 +583,27 @@ def test_unknown_fields_are_reported_before_anything_else():
 def test_a_blocked_plan_on_a_finished_run_does_nothing():
     ftj = make_ftj(started(phase="Succeeded"))
     assert plan_mod.blocked(ftj, NOW, "NameConflict", "taken").actions == []
+
+
+@pytest.mark.parametrize("features, schema", [(ServerFeatures(1, 25), "1.25"), (V1_26, "1.26"),
+                                              (ServerFeatures(1, 28), "1.28"), (V1_29, "1.29"),
+                                              (ServerFeatures(1, 31), "1.31"), (ServerFeatures(1, 34), "1.34")])
+def test_the_job_as_the_plan_leaves_it_matches_that_versions_schema(features, schema):
+    """Created suspended for a queue, suspended by the operator with the active seconds, resumed with the deadline
+    left: each Job (the built one with the plan's patches applied) is valid for that version (strict: no field it
+    lacks). 1.24 has no schema here; 1.25 is the oldest at hand."""
+    import kubernetes_validate
+
+    created = created_job(plan_mod.plan(plan_mod.Inputs(features=features, now=NOW, settings=SETTINGS, job=None,
+                                                        configmap=None, pods=[], **queued_new_job(features))))
+    assert created["spec"]["suspend"] is True
+    kubernetes_validate.validate(created, schema, strict=True)
+    for given in (deadline_suspend(features), deadline_resume(4200)(features), kueue_running(features)):
+        plan = plan_mod.plan(plan_mod.Inputs(features=features, now=NOW, settings=SETTINGS, **given))
+        patched = next(a for a in plan.actions if isinstance(a, plan_mod.PatchJob))
+        job = plan.job
+        assert job["spec"]["suspend"] is patched.patch["spec"]["suspend"]
+        body = {k: v for k, v in job.items() if k != "status"}
+        body["metadata"] = {k: v for k, v in job["metadata"].items() if k not in ("uid", "creationTimestamp",
+                                                                                  "resourceVersion")}
+        kubernetes_validate.validate(body, schema, strict=True)

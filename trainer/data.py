@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from kubesloth.api.contract import Env
 from kubesloth.trainer.errors import BadConfig, SourceNotFound, TrainerFailure
@@ -88,6 +89,22 @@ def _split_files(source: Any, common: dict) -> Optional[dict]:
     return {source.split: [relative(f) for f in files[source.split]]}
 
 
+@contextmanager
+def _hub_offline_only(datasets: Any, source: Any) -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 (an air-gapped cluster's trainer pods) means no Hugging Face Hub; datasets applies it to
+    every remote URL and refused s3:// data files ("Offline mode is enabled. Tried to reach s3://..."). An s3://
+    source is read with it off for the load (and no download counting, which would call the hub)."""
+    if source.scheme != "s3" or not datasets.config.HF_HUB_OFFLINE:
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_HUB_OFFLINE, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False, False
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = saved
+
+
 def load_records(source: Any, max_samples: Optional[int] = None) -> list[dict[str, Any]]:
     """The records of a dataset source (sources.DatasetSource) through datasets.load_dataset. With maxSamples, a
     remote source (hf://, s3://) is streamed and only the first N records are read."""
@@ -112,16 +129,17 @@ def load_records(source: Any, max_samples: Optional[int] = None) -> list[dict[st
             if files is not None:
                 common["data_files"] = files
         compressed = any(is_compressed(str(f)) for f in (common.get("data_files") or {}).get(source.split, []))
-        offline = bool(datasets.config.HF_HUB_OFFLINE)
+        offline = bool(datasets.config.HF_HUB_OFFLINE) and source.scheme != "s3"
         # datasets cannot stream compressed files from s3 (it hands s3fs aiohttp's client options).
         stream = bool(max_samples) and source.remote and not offline and not (compressed and source.scheme == "s3")
-        loaded = datasets.load_dataset(source.path, split=source.split, streaming=stream, **common)
-        if stream:
-            records = list(loaded.take(max_samples))
-        else:
-            if max_samples:
-                loaded = loaded.select(range(min(max_samples, len(loaded))))
-            records = list(loaded)
+        with _hub_offline_only(datasets, source):  # a stream reads while it is iterated
+            loaded = datasets.load_dataset(source.path, split=source.split, streaming=stream, **common)
+            if stream:
+                records = list(loaded.take(max_samples))
+            else:
+                if max_samples:
+                    loaded = loaded.select(range(min(max_samples, len(loaded))))
+                records = list(loaded)
     except TrainerFailure:
         raise
     except Exception as exc:  # datasets' and the hub's errors, fsspec's, pyarrow's

@@ -7,11 +7,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,8 @@ import pytest
 from kubesloth.trainer.data import (DataStats, build_training_data, data_warnings, load_records, read_records)
 from kubesloth.trainer.errors import BadConfig, SourceNotFound
 from kubesloth.trainer.sources import resolve_dataset
+
+from .s3 import s3, s3_server  # noqa: F401  (fixtures)
 
 RECORDS = [{"instruction": f"Add {i}.", "input": str(i), "output": str(i + 1)} for i in range(10)]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -199,63 +196,7 @@ def test_warnings_for_short_truncated_and_empty_rows(tiny_tokenizer):
 
 # --- s3:// against a real S3-compatible server ------------------------------------------------------------------
 
-MOTO_VERSION = "5.2.5"
-
-
-def moto_python() -> Path:
-    """moto's server, in its own venv: moto needs a newer botocore than the aiobotocore s3fs uses accepts, and
-    it runs as a separate process anyway (like the control plane's binaries, cached under ~/.cache/kubesloth)."""
-    if os.environ.get("KUBESLOTH_MOTO_PYTHON"):
-        return Path(os.environ["KUBESLOTH_MOTO_PYTHON"])
-    venv = Path.home() / ".cache" / "kubesloth" / f"moto-{MOTO_VERSION}"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"moto[server]=={MOTO_VERSION}"], check=True,
-                       timeout=600, cwd=venv)
-    return python
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    pytest.importorskip("s3fs", reason="s3:// needs the s3 extra (s3fs)")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(moto_python()), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)  # not the repo: its operator/
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
-        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture
-def s3(s3_server, monkeypatch, tmp_path):
-    import s3fs
-    for key, value in s3_server.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    bucket = f"data-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    fs.mkdir(bucket)
-    yield fs, bucket
-    s3fs.S3FileSystem.clear_instance_cache()
+# The server and the client: tests/trainer/s3.py (never skipped).
 
 
 def test_s3_files_prefixes_splits_and_streaming(s3, tmp_path):

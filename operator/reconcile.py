@@ -303,16 +303,19 @@ class Reconciler:
         meta = ftj["metadata"]
         key = (meta["namespace"], meta["name"])
         pause = self._backoff.get(key)
-        steps = []
+        # (kind, verb, call, body). Compared by verb, not `call is self.api.create_job`: a bound method is a new
+        # object at each attribute access, so that test was always false (no 409 recovery on the real create, and
+        # a replaced ConfigMap reported as "created").
+        steps: list[tuple[str, str, Any, dict[str, Any]]] = []
         if action.configmap is not None and not action.configmap_replace:
-            steps.append(("ConfigMap", self.api.create_configmap, action.configmap))
+            steps.append(("ConfigMap", "created", self.api.create_configmap, action.configmap))
         elif action.configmap is not None:
-            steps.append(("ConfigMap", self.api.replace_configmap, action.configmap))
-        steps.append(("Job", self.api.create_job, action.job))
+            steps.append(("ConfigMap", "replaced", self.api.replace_configmap, action.configmap))
+        steps.append(("Job", "created", self.api.create_job, action.job))
         try:
             for dry_run in (True, False):
                 current = "Job"
-                for kind, call, body in steps:
+                for kind, verb, call, body in steps:
                     current = kind
                     if dry_run:
                         try:
@@ -326,22 +329,20 @@ class Reconciler:
                                 held = self._exists(kind, body, ftj, now)
                                 if held is not None:
                                     return held
-                    elif call is self.api.create_job:
-                        self._create(call, body, lambda ns, n: self.api.get_job(ns, n, fresh=True))
-                    elif call is self.api.create_configmap:
-                        self._create(call, body, lambda ns, n: self.api.get_configmap(ns, n, fresh=True))
-                    else:
+                        continue
+                    if verb == "replaced":
                         call(body)
-                    if not dry_run:
-                        outcome.actions.append(f"{'replaced' if call is self.api.replace_configmap else 'created'} "
-                                               f"{kind}")
+                    else:
+                        read = self.api.get_job if kind == "Job" else self.api.get_configmap
+                        self._create(call, body, lambda ns, n, read=read: read(ns, n, fresh=True))
+                    outcome.actions.append(f"{verb} {kind}")
         except ApiException as err:
             if err.status in TRANSIENT_HTTP or err.status is None or err.status < 400:
                 raise  # the API server's trouble, not the object's: the handler's retry
             failures = (pause[1] + 1) if pause and pause[0] == meta.get("generation") else 1
             delay = min(10.0 * 2 ** (failures - 1), 600.0)
             self._backoff[key] = (meta.get("generation"), failures, time.monotonic() + delay)
-            name = next(b["metadata"]["name"] for k, _, b in steps if k == current)
+            name = next(b["metadata"]["name"] for k, _, _, b in steps if k == current)
             message = (f"{current} {name} refused by the API server ({err.status}): {_api_message(err)}; "
                        f"nothing was created; trying again in {delay:.0f}s, or at once when the spec changes")
             blocked = self._blocked(ftj, now, f"{current}Refused", message)

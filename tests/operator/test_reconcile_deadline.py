@@ -67,7 +67,7 @@ def test_the_deadline_budget_survives_suspend_and_resume_on_v1_20(cluster, kubec
     later[0] = started + timedelta(seconds=5000)  # suspended time is not counted
     # No pod ran here (no node agent): the run never started, so its ConfigMap is rewritten for the live spec;
     # the count stays on it.
-    assert reconciler.reconcile(namespace, "dl").actions[-1] == "created Job"
+    assert reconciler.reconcile(namespace, "dl").actions == ["replaced ConfigMap", "created Job"]
     configmap = get(kubectl, namespace, "configmap", configmap_name("dl"))
     assert configmap["metadata"]["annotations"][plan_mod.ANNOTATION_ACTIVE_SECONDS] == "1000"
     second = get(kubectl, namespace, "job", job_name("dl"))

@@ -8,7 +8,14 @@ and every env value/argument that points into a mount path rewritten to the loca
 loopback IP 127.0.0.N. It reports phase, container state, exit code and termination message (the file the
 container's terminationMessagePath maps to; the log tail under FallbackToLogsOnError), enforces the memory limit
 (RSS above it -> SIGKILL -> OOMKilled, exit 137), and stops the process when the pod is deleted (SIGTERM, the
-grace period, then SIGKILL) before removing the pod object, as a kubelet does.
+grace period, then SIGKILL), reports how it ended (exit code, termination message) and only then removes the pod
+object, as a kubelet does. A pod whose status another node component set to a final phase while its process runs
+(the kubelet's eviction manager, played by a test through the API server: `reason: Evicted`, exit 137) has its
+process killed at once; the status written stands. Conditions others set on the pod (`DisruptionTarget`, written
+by the scheduler or the eviction API on >= 1.26) are kept when the agent reports.
+
+Test hook: with `--namespace-env-dir DIR`, the pods of namespace NS also get the env in `DIR/NS.json` (a JSON
+object): one end-to-end test's trainer hooks (e.g. a slow checkpoint write) without restarting the operator.
 
 One container per pod, no init containers, no images: this is a stand-in for tests and the demo, not a runtime.
 """
@@ -154,6 +161,7 @@ class AgentConfig:
     memory: str = str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     poll_seconds: float = 0.5
     labels: dict[str, str] = field(default_factory=dict)
+    namespace_env_dir: Path | None = None  # DIR/<namespace>.json: extra env for that namespace's pods (tests)
 
 
 class NodeAgent:
@@ -269,7 +277,9 @@ class NodeAgent:
                     self._terminate(pod)
                 continue
             if node == self.config.node_name:
-                if uid in self.running:
+                if uid in self.running and phase in ("Failed", "Succeeded"):
+                    self._ended_elsewhere(pod, self.running.pop(uid))
+                elif uid in self.running:
                     self._check(pod, self.running[uid])
                 elif phase in (None, "Pending") and uid not in self.finished:
                     self._start(pod)
@@ -405,7 +415,22 @@ class NodeAgent:
                 resource = source["resourceFieldRef"]["resource"]
                 kind, _, res = resource.partition(".")
                 env[item["name"]] = str(((container.get("resources") or {}).get(kind) or {}).get(res, ""))
+        env.update(self._namespace_env(meta["namespace"]))
         return env
+
+    def _namespace_env(self, namespace: str) -> dict[str, str]:
+        """The test hook's extra env for this namespace's pods (`--namespace-env-dir`), {} without one."""
+        if self.config.namespace_env_dir is None:
+            return {}
+        path = Path(self.config.namespace_env_dir) / f"{namespace}.json"
+        try:
+            extra = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            log.warning("ignoring %s: %s", path, err)
+            return {}
+        return {str(k): str(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
 
     def _start(self, pod: dict[str, Any]) -> None:
         meta, spec = pod["metadata"], pod["spec"]
@@ -498,13 +523,18 @@ class NodeAgent:
         return candidates[0]  # a wildcard bind holds the port everywhere: start anyway, the pod reports it
 
     @staticmethod
-    def _conditions(ready: bool) -> list[dict[str, Any]]:
+    def _conditions(ready: bool, pod: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The kubelet's own conditions, plus those others set on `pod` (DisruptionTarget: the status patch
+        replaces the list, and a kubelet keeps conditions it does not own)."""
         stamp = now_rfc3339()
         value = "True" if ready else "False"
-        return [{"type": "Initialized", "status": "True", "lastTransitionTime": stamp},
-                {"type": "Ready", "status": value, "lastTransitionTime": stamp},
-                {"type": "ContainersReady", "status": value, "lastTransitionTime": stamp},
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp}]
+        own = [{"type": "Initialized", "status": "True", "lastTransitionTime": stamp},
+               {"type": "Ready", "status": value, "lastTransitionTime": stamp},
+               {"type": "ContainersReady", "status": value, "lastTransitionTime": stamp},
+               {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp}]
+        mine = {c["type"] for c in own}
+        others = [c for c in ((pod or {}).get("status") or {}).get("conditions") or [] if c.get("type") not in mine]
+        return own + others
 
     @staticmethod
     def _container_status(run: Running, state: dict[str, Any], ready: bool) -> dict[str, Any]:
@@ -546,8 +576,18 @@ class NodeAgent:
         log.info("pod %s/%s exited %d (%s)", run.namespace, run.name, code, reason)
         self._patch_pod_status(pod, {
             "phase": "Succeeded" if code == 0 else "Failed",
-            "conditions": self._conditions(ready=False),
+            "conditions": self._conditions(ready=False, pod=pod),
             "containerStatuses": [self._container_status(run, {"terminated": terminated}, ready=False)]})
+
+    def _ended_elsewhere(self, pod: dict[str, Any], run: Running) -> None:
+        """The pod's status says it ended while its process runs: written by another part of the node (the
+        kubelet's eviction manager kills the containers of a pod it evicts). Kill the process; the status stands."""
+        self.finished.add(run.pod_uid)
+        if run.proc.poll() is None:
+            log.info("pod %s/%s: status phase %s (reason %s) set while running: killing pid %d", run.namespace,
+                     run.name, pod["status"].get("phase"), pod["status"].get("reason", "-"), run.proc.pid)
+            self._signal(run, signal.SIGKILL)
+        run.proc.wait()
 
     def _finish_without_process(self, pod: dict[str, Any], code: int, reason: str, message: str) -> None:
         self.finished.add(pod["metadata"]["uid"])
@@ -593,8 +633,12 @@ class NodeAgent:
             if run.proc.poll() is None:
                 return
         if run is not None:
-            run.proc.wait()
+            code = run.proc.wait()
             self.running.pop(meta["uid"], None)
+            if meta["uid"] not in self.finished:
+                # As a kubelet does: the container's end (exit code, termination message) is reported before the
+                # pod object goes, so controllers and the operator see how a deleted pod ended.
+                self._report_exit(pod, run, code)
         from kubernetes.client import V1DeleteOptions, V1Preconditions
         from kubernetes.client.exceptions import ApiException
         try:
@@ -644,6 +688,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default=".kubesloth/nodeagent", help="pod folders, logs, ConfigMap files")
     parser.add_argument("--volumes-root", default=".kubesloth/volumes", help="pvc://CLAIM -> VOLUMES_ROOT/CLAIM")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="extra node label")
+    parser.add_argument("--namespace-env-dir", default=None, metavar="DIR",
+                        help="test hook: the pods of namespace NS also get the env in DIR/NS.json")
     parser.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG")
 
 
@@ -668,7 +714,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         import urllib3  # the local control plane's kubeconfig skips TLS verification: one warning per request
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     agent = NodeAgent(AgentConfig(node_name=args.node_name, gpus=args.gpus, gpu_product=args.gpu_product,
-                                  work_dir=Path(args.work_dir), volumes_root=Path(args.volumes_root), labels=labels))
+                                  work_dir=Path(args.work_dir), volumes_root=Path(args.volumes_root), labels=labels,
+                                  namespace_env_dir=Path(args.namespace_env_dir) if args.namespace_env_dir else None))
 
     def stop(signum, _frame):
         agent.stop.set()

@@ -28,9 +28,9 @@ def tiny_model(tmp_path_factory):
     return out
 
 
-def make_stack(cluster, tmp_path_factory, tiny_model, operator_env: dict[str, str]) -> Stack:
+def make_stack(cluster, tmp_path_factory, tiny_model, operator_env: dict[str, str], gpus: int = 1) -> Stack:
     work = tmp_path_factory.mktemp("e2e")
-    stack = Stack(cluster, work, operator_env)
+    stack = Stack(cluster, work, operator_env, gpus=gpus)
     (stack.volumes / "models").mkdir(parents=True)
     (stack.volumes / "data").mkdir()
     shutil.copytree(tiny_model, stack.volumes / "models" / "tiny-llama")

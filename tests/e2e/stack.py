@@ -87,10 +87,27 @@ class Stack:
                                 self.work / "logs" / "operator.log").start()
         return self.operator
 
+    @property
+    def namespace_env_dir(self) -> Path:
+        return self.work / "namespace-env"
+
+    def set_namespace_env(self, namespace: str, env: dict[str, str]) -> None:
+        """Extra env for the pods the node agent starts in `namespace` from now on (its test hook)."""
+        self.namespace_env_dir.mkdir(parents=True, exist_ok=True)
+        (self.namespace_env_dir / f"{namespace}.json").write_text(json.dumps(env))
+
+    def pod_log(self, pod: dict) -> str:
+        """What the node agent captured of the pod's container (stdout + stderr), "" before it started."""
+        meta = pod["metadata"]
+        folder = self.work / "nodeagent" / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
+        logs = sorted(folder.glob("*.log")) if folder.is_dir() else []
+        return logs[0].read_text(errors="replace") if logs else ""
+
     def start(self) -> "Stack":
         self.volumes.mkdir(parents=True, exist_ok=True)
         self.agent = Process([PYTHON, "-m", "kubesloth.cli", "dev", "nodeagent", "--gpus", str(self.gpus),
-                              "--work-dir", str(self.work / "nodeagent"), "--volumes-root", str(self.volumes)],
+                              "--work-dir", str(self.work / "nodeagent"), "--volumes-root", str(self.volumes),
+                              "--namespace-env-dir", str(self.namespace_env_dir)],
                              self.cluster.env(), self.work / "logs" / "nodeagent.log").start()
         self.start_operator()
         return self

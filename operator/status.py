@@ -288,7 +288,11 @@ def _phase(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str,
     pod_phase = (current.get("status") or {}).get("phase")
     if pod_phase == "Running" and (_container_status(current).get("state") or {}).get("running") is not None:
         earlier = counts.interruptions + counts.failures
+        # The last attempt's own reason (Evicted, Preempted, Interrupted, OutOfMemory, ...): the pod that said it
+        # is gone soon, the running message keeps it.
         note = (f" (attempt {earlier + 1}: {counts.interruptions} interruptions, {counts.failures} failures "
+                f"before; the last: {last.reason})" if last else
+                f" (attempt {earlier + 1}: {counts.interruptions} interruptions, {counts.failures} failures "
                 "before)") if earlier else ""
         return Phase.Running.value, "TrainerRunning", f"trainer pod {current['metadata']['name']} is running{note}"
     if pod_phase == "Succeeded":

@@ -403,3 +403,19 @@ def test_too_many_interruptions_fail_the_run():
     assert status["phase"] == "Failed" and cond(status, "Failed")["reason"] == "TooManyInterruptions"
     assert "maxInterruptions 2" in status["message"]
     assert derive_status(ftj(maxInterruptions=3), job(failed=3), pods, NOW)["phase"] == "Pending"
+
+
+def test_the_running_message_keeps_the_last_interruptions_reason():
+    # The evicted pod is gone soon (and the Job replaced it at once): the running message still says why.
+    evicted = ended_pod("p0", "2026-11-29T11:00:00Z", pod_reason="Evicted",
+                        pod_message="The node was low on resource: memory.")
+    preempted = ended_pod("p1", "2026-11-29T11:01:00Z",
+                          disruption=("PreemptionByScheduler", "kube-scheduler: preempting"))
+    status = derive_status(ftj(backoffLimit=0), job(failed=1, backoffLimit=100),
+                           [evicted, running_pod("p2", created="2026-11-29T11:02:00Z")], NOW)
+    assert status["phase"] == "Running" and (status["interruptions"], status["failures"]) == (1, 0)
+    assert "attempt 2: 1 interruptions, 0 failures before; the last: Evicted" in status["message"]
+    status = derive_status(ftj(backoffLimit=0), job(failed=2, backoffLimit=100),
+                           [evicted, preempted, running_pod("p2", created="2026-11-29T11:02:00Z")], NOW)
+    assert (status["interruptions"], status["failures"]) == (2, 0)
+    assert status["message"].endswith("the last: Preempted)")

@@ -524,8 +524,11 @@ def plan(inputs: Inputs) -> Plan:
                 result.first.append(CreateChildren(job_body))
             job = _job_view(job_body)
         elif deleting(job):
-            # Resumed while the suspended Job's pod is still stopping: create the new Job once it is gone.
+            # Resumed while the suspended Job's pod is still stopping: create the new Job once it is gone; until
+            # then the status says the pod is stopping (it read "Running" from the stopping trainer before).
             result.retry_after = 1.0
+            if old.get("phase") == Phase.Suspended.value:
+                status_spec = {**effective["spec"], "suspend": True}
         elif inputs.features.job_suspend and job_suspended(job) and not queue_of(job):
             # Resumed, the Job suspended by us (a Job of a queue is Kueue's to unsuspend, never ours). Not while
             # a pod of it still stops: 1.22-1.28 have no podReplacementPolicy, and two trainers would write one
@@ -547,7 +550,13 @@ def plan(inputs: Inputs) -> Plan:
     stopped = _stopped_by_suspend(job, all_pods)
     pods = [p for p in all_pods if not any(p is s for s in stopped)]
     live = {**ftj, "spec": status_spec}
-    new_status = status_mod.derive_status(live, job, pods, now, changed)
+    status_job = job
+    if job is not None and _int_annotation(job, ANNOTATION_ACTIVE_SECONDS) and status_spec.get(
+            "activeDeadlineSeconds"):
+        # The Job's activeDeadlineSeconds is what was left of the run's: DeadlineExceeded names the run's.
+        status_job = copy.deepcopy(job)
+        status_job["spec"]["activeDeadlineSeconds"] = status_spec["activeDeadlineSeconds"]
+    new_status = status_mod.derive_status(live, status_job, pods, now, changed)
     if stopped:  # not counted, but what they said of their checkpoint stands
         checkpoint, output, _ = status_mod.checkpoint_and_output(status_spec, old, all_pods)
         new_status.update({k: v for k, v in (("checkpoint", checkpoint), ("output", output)) if v})

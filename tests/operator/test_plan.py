@@ -300,6 +300,18 @@ def deadline(f):
     return {"ftj": ftj, "job": job, "configmap": make_configmap(ftj), "pods": [running()]}
 
 
+def deadline_after_resume(f):
+    """The Job got what was left (600 of 3600 s) and used it up: the message names the run's deadline."""
+    given = deadline(f)
+    given["job"]["spec"]["activeDeadlineSeconds"] = 600
+    given["job"]["metadata"]["annotations"][plan_mod.ANNOTATION_ACTIVE_SECONDS] = "3000"
+    return given
+
+
+def check_deadline_message(plan, features):
+    assert "activeDeadlineSeconds (3600s)" in plan.status["message"], plan.status["message"]
+
+
 def succeeded(ttl, done_minutes_ago):
     def given(f):
         done = (NOW - timedelta(minutes=done_minutes_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -346,8 +358,8 @@ SCENARIOS = [
     Scenario("failed past backoff: the Job itself gave up", [V1_26, V1_29], failed_past_backoff_newer, "Failed",
              "TrainerError", ["event Warning Failed"], check_failed),
     Scenario("suspended with no Job: nothing to do", ALL, suspended_no_job, "Suspended", "Suspended", []),
-    Scenario("resumed while the old Job is still deleting: wait", ALL, resumed_job_still_deleting, "Running",
-             None, ["event Normal Running"], retry_after=1.0),
+    Scenario("resumed while the old Job is still deleting: wait, the pod is stopping", ALL,
+             resumed_job_still_deleting, "Suspended", "Suspending", [], retry_after=1.0),
     Scenario("resumed: a new Job, the counts carried over", ALL, resumed_job_gone, "Pending", "PodCreating",
              ["create Job", "event Normal Pending"], check_counts_carried),
     Scenario("Job deleted by hand: recreated from the started spec", ALL, job_deleted_by_hand, "Pending",
@@ -355,7 +367,10 @@ SCENARIOS = [
              check_started_spec),
     Scenario("the Job gave up on interruptions: recreated to resume", ALL, resuming_after_job_gave_up, "Pending",
              "Resuming", ["deleted Job (recreate to resume)", "event Normal Pending", "event Warning Resuming"]),
-    Scenario("deadline exceeded", ALL, deadline, "Failed", "DeadlineExceeded", ["event Warning Failed"]),
+    Scenario("deadline exceeded", ALL, deadline, "Failed", "DeadlineExceeded", ["event Warning Failed"],
+             check_deadline_message),
+    Scenario("deadline exceeded after a resume", ALL, deadline_after_resume, "Failed", "DeadlineExceeded",
+             ["event Warning Failed"], check_deadline_message),
     Scenario("TTL elapsed: the FineTuneJob is deleted", ALL, succeeded(600, 30), "Succeeded", None,
              ["event Normal Expired", "deleted FineTuneJob (TTL)"]),
     Scenario("TTL not yet", ALL, succeeded(3600, 30), "Succeeded", None, [], check_expires_in),

@@ -14,6 +14,7 @@ children (the API server's dry run may refuse them): the executor then asks `blo
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Optional
@@ -210,8 +211,6 @@ def operator_refusal(spec: dict[str, Any]) -> Optional[str]:
 
 def dropped_fields(ftj: dict[str, Any]) -> list[str]:
     """Paths in the last-applied-configuration annotation (kubectl apply) missing from the stored object."""
-    import json
-
     text = ((ftj.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
     if not text:
         return []

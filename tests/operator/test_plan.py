@@ -622,3 +622,21 @@ def test_the_job_as_the_plan_leaves_it_matches_that_versions_schema(features, sc
         body["metadata"] = {k: v for k, v in job["metadata"].items() if k not in ("uid", "creationTimestamp",
                                                                                   "resourceVersion")}
         kubernetes_validate.validate(body, schema, strict=True)
+
+
+def test_the_plan_module_makes_no_calls():
+    """Pure by construction: plan.py imports neither the Kubernetes client nor kopf nor the KubeApi, nor anything
+    that reads the clock or the network (its `now` is an input)."""
+    import ast
+    from pathlib import Path
+
+    source = (Path(plan_mod.__file__)).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(("." * node.level) + (node.module or ""))
+    assert imported <= {"__future__", "copy", "json", "dataclasses", "datetime", "typing", "pydantic",
+                        "kubesloth.api.v1alpha1", ".", ".estimate", ".settings"}, imported
+    assert "datetime.now" not in source and "time.monotonic" not in source

@@ -92,6 +92,10 @@ _MOUNT_SEGMENT = r"[A-Za-z0-9_][-A-Za-z0-9_.]*"
 MOUNT_PATH_PATTERN = rf"^{re.escape(contract.MOUNT_ROOT)}(/{_MOUNT_SEGMENT})+$"
 RESERVED_MOUNT_PATTERN = rf"^{re.escape(contract.PVC_ROOT)}(/.*)?$"
 MOUNT_PATH_MAX = 512
+# Kubernetes expands $(NAME) in env values with the variables before them: a value may not carry the tokens the
+# operator put there (spec.model.tokenSecretRef, pushToHub) into, say, a tracker URL of the user's choosing.
+TOKEN_ENV_NAMES = (contract.Env.HF_TOKEN.value, HUB_PUSH_TOKEN_ENV)
+TOKEN_REFERENCE_PATTERN = r"\$\((" + "|".join(TOKEN_ENV_NAMES) + r")\)"
 
 
 class _Model(BaseModel):
@@ -455,7 +459,7 @@ class EnvConfigMapKeyRef(_Model):
 class EnvVarSource(_Model):
     model_config = ConfigDict(json_schema_extra=_exactly_one("secretKeyRef", "configMapKeyRef"))
     secret_key_ref: Annotated[Optional[EnvSecretKeyRef], Field(
-        description="A key of a Secret (allowed unless the operator's trainer.jobPodSettings.secrets is false).")] = None
+        description="A key of a Secret (only where the operator's trainer.jobPodSettings.secrets is true).")] = None
     config_map_key_ref: Annotated[Optional[EnvConfigMapKeyRef], Field(description="A key of a ConfigMap.")] = None
 
     @model_validator(mode="after")
@@ -473,8 +477,11 @@ class EnvVar(_Model):
                     "spec.model.tokenSecretRef).",
         max_length=ENV_NAME_MAX, pattern=ENV_NAME_PATTERN, json_schema_extra=_not(RESERVED_ENV_PATTERN))]
     value: Annotated[Optional[str], Field(description="A literal value (<= 32768 characters); $(NAME) refers to "
-                                                      "an earlier variable, as Kubernetes expands it.",
-                                          max_length=ENV_VALUE_MAX)] = None
+                                                      "an earlier variable, as Kubernetes expands it, except "
+                                                      + " and ".join(f"$({n})" for n in TOKEN_ENV_NAMES)
+                                                      + " (the tokens stay where the operator put them).",
+                                          max_length=ENV_VALUE_MAX,
+                                          json_schema_extra=_not(TOKEN_REFERENCE_PATTERN))] = None
     value_from: Annotated[Optional[EnvVarSource], Field(
         description="The value from a Secret or ConfigMap key instead of `value` (not both).")] = None
 
@@ -483,6 +490,14 @@ class EnvVar(_Model):
     def _not_reserved(cls, value: str) -> str:
         if contract.reserved_env_name(value):
             raise ValueError(f"{value!r} is reserved (KUBESLOTH_*, LD_*, {', '.join(contract.RESERVED_ENV_NAMES)})")
+        return value
+
+    @field_validator("value")
+    @classmethod
+    def _no_token_reference(cls, value: Optional[str]) -> Optional[str]:
+        if value and re.search(TOKEN_REFERENCE_PATTERN, value):
+            raise ValueError(f"may not refer to {' or '.join(TOKEN_ENV_NAMES)} (the tokens stay where the operator "
+                             "put them)")
         return value
 
     @model_validator(mode="after")
@@ -508,8 +523,8 @@ class EnvFromSource(_Model):
         description="Prepended to every key (a C identifier, <= 64).", max_length=64,
         pattern=ENV_NAME_PATTERN)] = None
     secret_ref: Annotated[Optional[EnvFromSecretRef], Field(
-        description="Every key of a Secret (allowed unless the operator's trainer.jobPodSettings.secrets is "
-                    "false).")] = None
+        description="Every key of a Secret (only where the operator's trainer.jobPodSettings.secrets is "
+                    "true).")] = None
     config_map_ref: Annotated[Optional[EnvFromConfigMapRef], Field(description="Every key of a ConfigMap.")] = None
 
     @model_validator(mode="after")
@@ -554,8 +569,8 @@ class Volume(_Model):
     persistent_volume_claim: Annotated[Optional[PVCVolumeSource], Field(description="A PersistentVolumeClaim.")] = None
     config_map: Annotated[Optional[ConfigMapVolumeSource], Field(description="A ConfigMap's keys as files.")] = None
     secret: Annotated[Optional[SecretVolumeSource], Field(
-        description="A Secret's keys as files (allowed unless the operator's trainer.jobPodSettings.secrets is "
-                    "false).")] = None
+        description="A Secret's keys as files (only where the operator's trainer.jobPodSettings.secrets is "
+                    "true).")] = None
     empty_dir: Annotated[Optional[EmptyDirVolumeSource], Field(description="Scratch space that lives with the pod.")
                          ] = None
 

@@ -93,7 +93,7 @@ class OperatorSettings:
     # its spec may reference Secrets of its namespace. The operator creates the pod, so without these a user who may
     # create FineTuneJobs but not Pods would get an identity or a Secret Kubernetes never granted them.
     allowed_service_accounts: tuple[str, ...] = ()
-    allow_secrets: bool = True
+    allow_secrets: bool = False
     # Bounded retries of the FineTuneJob handlers, with backoff.
     handler_retries: int = 8
     handler_backoff_seconds: float = 2.0

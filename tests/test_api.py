@@ -89,6 +89,7 @@ INVALID = [
     ("env", [{"name": "KUBESLOTH_ENGINE", "value": "cpu"}], "env.0.name"),
     ("env", [{"name": "LD_PRELOAD", "value": "/mnt/x.so"}], "env.0.name"),
     ("env", [{"name": "MY-VAR", "value": "x"}], "env.0.name"),
+    ("env", [{"name": "URL", "value": "http://me.example/?t=$(HF_TOKEN)"}], "env.0.value"),
     ("env", [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}], "env"),
     ("env", [{"name": "A", "value": "x", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}], "env.0"),
     ("env", [{"name": "A", "valueFrom": {}}], "env.0.valueFrom"),

@@ -248,12 +248,12 @@ def test_trainer_pods_get_the_chart_pull_secrets(rendered):
 
 
 def test_job_pod_settings_reach_the_operator():
-    """trainer.jobPodSettings is what the operator enforces: by default no service account and Secrets allowed;
-    set, exactly the chart's values (the operator refuses a FineTuneJob beyond them, builders.pod_settings_refusal)."""
+    """trainer.jobPodSettings is what the operator enforces: by default no service account and no Secrets; set,
+    exactly the chart's values (the operator refuses a FineTuneJob beyond them, builders.pod_settings_refusal)."""
     from kubesloth.operator.builders import pod_settings_refusal
 
     default = OperatorSettings.from_env(render({}).operator_env())
-    assert default.allowed_service_accounts == () and default.allow_secrets is True
+    assert default.allowed_service_accounts == () and default.allow_secrets is False
     spec = builders.normalized({**_FTJ, "spec": {**_FTJ["spec"], "serviceAccountName": "trainer-irsa",
                                                  "envFrom": [{"secretRef": {"name": "s3"}}]}})["spec"]
     assert pod_settings_refusal(spec, default)[0] == "ServiceAccountNotAllowed"
@@ -266,7 +266,10 @@ def test_job_pod_settings_reach_the_operator():
     assert pod_settings_refusal(spec, settings)[0] == "SecretsNotAllowed"
     anyone = OperatorSettings.from_env(render({"trainer": {"jobPodSettings": {"serviceAccountNames": ["*"]}}})
                                        .operator_env())
-    assert pod_settings_refusal(spec, anyone) is None
+    assert pod_settings_refusal(spec, anyone)[0] == "SecretsNotAllowed"  # secrets stays false (Helm merges)
+    trusted = OperatorSettings.from_env(render({"trainer": {"jobPodSettings": {"serviceAccountNames": ["*"],
+                                                                               "secrets": True}}}).operator_env())
+    assert pod_settings_refusal(spec, trusted) is None
 
 
 # Helm merges a user's gpuPrices into the chart's table: overrides win, other products keep the chart's price

@@ -519,7 +519,7 @@ POD_SETTINGS = {
                      {"name": "conf", "mountPath": "/mnt/conf"}, {"name": "gcp", "mountPath": "/mnt/secrets/gcp"},
                      {"name": "scratch", "mountPath": "/mnt/scratch"}],
 }
-ALLOWING = dict(allowed_service_accounts=("trainer-irsa",), extra_env={"HF_HUB_OFFLINE": "1"})
+ALLOWING = dict(allowed_service_accounts=("trainer-irsa",), allow_secrets=True, extra_env={"HF_HUB_OFFLINE": "1"})
 
 
 def test_pod_settings_reach_the_trainer_pod():
@@ -593,11 +593,12 @@ def test_pod_settings_rule():
     reason, message = pod_settings_refusal(spec, OperatorSettings())
     assert reason == "ServiceAccountNotAllowed" and message.startswith("spec.serviceAccountName: 'trainer-irsa'")
     assert "trainer.jobPodSettings.serviceAccountNames" in message
-    assert pod_settings_refusal(spec, OperatorSettings(allowed_service_accounts=("*",))) is None
+    assert pod_settings_refusal(spec, OperatorSettings(allowed_service_accounts=("*",), allow_secrets=True)) is None
     assert pod_settings_refusal(spec, OperatorSettings(allowed_service_accounts=("other",)))[0] == \
         "ServiceAccountNotAllowed"
-    # Secrets in env, envFrom and volumes only where the install allows them (default: allowed).
-    reason, message = pod_settings_refusal(spec, OperatorSettings(allow_secrets=False, **ALLOWING))
+    # Secrets in env, envFrom and volumes only where the install allows them (default: not).
+    assert pod_settings_refusal(spec, OperatorSettings(allowed_service_accounts=("*",)))[0] == "SecretsNotAllowed"
+    reason, message = pod_settings_refusal(spec, OperatorSettings(**{**ALLOWING, "allow_secrets": False}))
     assert reason == "SecretsNotAllowed"
     assert message.startswith("spec.env[0].valueFrom.secretKeyRef, spec.envFrom[0].secretRef, spec.volumes[2].secret:")
     no_secrets = copy.deepcopy(POD_SETTINGS)
@@ -606,7 +607,7 @@ def test_pod_settings_rule():
     no_secrets["volumes"] = [v for v in no_secrets["volumes"] if "secret" not in v]
     no_secrets["volumeMounts"] = [m for m in no_secrets["volumeMounts"] if m["name"] != "gcp"]
     quiet = builders.normalized(make_ftj(**no_secrets))["spec"]
-    assert pod_settings_refusal(quiet, OperatorSettings(allow_secrets=False, **ALLOWING)) is None
+    assert pod_settings_refusal(quiet, OperatorSettings(**{**ALLOWING, "allow_secrets": False})) is None
     # A name the operator's extra env sets for every pod is the admin's.
     clash = builders.normalized(make_ftj(env=[{"name": "HF_HUB_OFFLINE", "value": "0"}]))["spec"]
     reason, message = pod_settings_refusal(clash, OperatorSettings(extra_env={"HF_HUB_OFFLINE": "1"}))
@@ -615,7 +616,8 @@ def test_pod_settings_rule():
 
 def test_pod_settings_from_env():
     read = OperatorSettings.from_env
-    assert read({}).allowed_service_accounts == () and read({}).allow_secrets is True
+    assert read({}).allowed_service_accounts == () and read({}).allow_secrets is False
+    assert read({"KUBESLOTH_OPERATOR_ALLOW_SECRETS": "true"}).allow_secrets is True
     assert read({"KUBESLOTH_OPERATOR_ALLOWED_SERVICE_ACCOUNTS": '["a", "b"]'}).allowed_service_accounts == ("a", "b")
     assert read({"KUBESLOTH_OPERATOR_ALLOWED_SERVICE_ACCOUNTS": "a, *"}).allowed_service_accounts == ("a", "*")
     assert read({"KUBESLOTH_OPERATOR_ALLOW_SECRETS": "false"}).allow_secrets is False

@@ -51,11 +51,16 @@ def ensure_s3_client() -> None:
     if not (target / ".complete").exists():
         partial = target.with_name(target.name + f".partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
+        # cwd: not the checkout, whose operator/ would shadow the stdlib's `operator` for `python -m pip`.
+        CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial),
-                        *wanted], check=True, timeout=600)
+                        *wanted], check=True, timeout=600, cwd=CACHE)
         (partial / ".complete").write_text("\n".join(wanted) + "\n")
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
+        if (target / ".complete").exists():  # another test run finished first: use its folder
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            shutil.rmtree(target, ignore_errors=True)  # a folder an interrupted install left
+            partial.rename(target)
     if str(target) not in sys.path:
         sys.path.append(str(target))
     import s3fs  # noqa: F401,F811
@@ -68,9 +73,15 @@ def moto_python() -> Path:
     venv = CACHE / f"moto-{MOTO_VERSION}"
     python = venv / "bin" / "python"
     if not (venv / ".complete").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"moto[server]=={MOTO_VERSION}"], check=True,
-                       timeout=600, cwd=venv)
+        # A venv of an earlier version of this helper (no marker) is kept when moto's server imports there.
+        works = python.exists() and subprocess.run([str(python), "-c", "import moto.server"], cwd=venv.parent,
+                                                   capture_output=True, timeout=120).returncode == 0
+        if not works:
+            CACHE.mkdir(parents=True, exist_ok=True)
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120,
+                           cwd=CACHE)  # not the checkout (its operator/ would shadow the stdlib's)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", f"moto[server]=={MOTO_VERSION}"],
+                           check=True, timeout=600, cwd=venv)
         (venv / ".complete").write_text(MOTO_VERSION + "\n")
     return python
 

@@ -615,6 +615,16 @@ def _unique(items: Optional[list], attribute: str, what: str) -> Optional[list]:
     return items
 
 
+class CacheSpec(_Model):
+    volume_claim_name: Annotated[Optional[str], Field(
+        description="PersistentVolumeClaim (of the FineTuneJob's namespace) mounted at the trainer's cache "
+                    "directory instead of an emptyDir: hub downloads and the Unsloth / inductor / Triton compile "
+                    "caches survive a restart, so a resumed pod does not download the model again. ReadWriteMany "
+                    "to share it between jobs on several nodes. Default: the operator's trainer.cacheVolumeClaim, "
+                    "else an emptyDir (an ephemeral-storage request sized for the hub download).",
+        pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)] = None
+
+
 class FineTuneJobSpec(_Model):
     model: Annotated[ModelSpec, Field(description="The base model to fine-tune (every weight is trained).")]
     dataset: Annotated[DatasetSpec, Field(description="The training data.")]
@@ -656,6 +666,8 @@ class FineTuneJobSpec(_Model):
     volume_mounts: Annotated[Optional[list[VolumeMount]], Field(
         description="Where the trainer container mounts spec.volumes (each names one of them); mount paths "
                     "unique; at most 16.", max_length=16)] = None
+    cache: Annotated[Optional[CacheSpec], Field(
+        description="The trainer's cache volume (model downloads, compile caches).")] = None
     suspend: Annotated[bool, Field(
         description="Stop the running pod and keep the job; set back to false to resume from the newest "
                     "checkpoint.")] = False

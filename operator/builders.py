@@ -322,7 +322,41 @@ def _env(ftj: dict[str, Any], spec: dict[str, Any], settings: OperatorSettings) 
     return env
 
 
-def _resources(spec: dict[str, Any]) -> dict[str, Any]:
+def cache_claim(spec: dict[str, Any], settings: OperatorSettings) -> str | None:
+    """The PVC at contract.CACHE_DIR: the spec's, else the install's default; None: an emptyDir."""
+    return (spec.get("cache") or {}).get("volumeClaimName") or settings.cache_volume_claim
+
+
+def cache_volume(spec: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+    claim = cache_claim(spec, settings)
+    if claim:
+        return {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
+    return {"name": CACHE_VOLUME, "emptyDir": {}}
+
+
+# What the trainer writes into an emptyDir cache besides a hub download: the compile caches (9 MiB for lean 8B on
+# the H200, 2026-12-01, bench/results/h200-2026-12-01/run5) and what libraries put in /tmp, with room to spare.
+CACHE_SCRATCH_BYTES = 1 << 30
+
+
+def ephemeral_storage_bytes(ftj: dict[str, Any], spec: dict[str, Any], settings: OperatorSettings) -> int | None:
+    """The pod's ephemeral-storage request with an emptyDir cache: an hf:// model is downloaded there (its weights,
+    from the planner's estimate), plus the compile caches. None with a cache PVC or an unknown model size: the
+    kubelet then evicts only when the node runs out, as without a request."""
+    if cache_claim(spec, settings):
+        return None
+    source = str((spec.get("model") or {}).get("source") or "")
+    weights = (((ftj.get("status") or {}).get("estimate") or {}).get("breakdown") or {}).get("weightsBytes")
+    if not source.startswith("hf://") or not weights:
+        return None
+    return int(weights) + CACHE_SCRATCH_BYTES
+
+
+def _gibibytes(value: int) -> str:
+    return f"{-(-value // 2**30)}Gi"
+
+
+def _resources(spec: dict[str, Any], ephemeral_bytes: int | None = None) -> dict[str, Any]:
     wanted = spec.get("resources") or {}
     requests: dict[str, str] = {GPU_RESOURCE: "1"}
     limits: dict[str, str] = {GPU_RESOURCE: "1"}
@@ -332,6 +366,9 @@ def _resources(spec: dict[str, Any]) -> dict[str, Any]:
     if wanted.get("cpu"):
         # CPU is a request only: a CPU limit throttles the data loader and buys nothing on a dedicated GPU node.
         requests["cpu"] = wanted["cpu"]
+    if ephemeral_bytes:
+        # A request only: scheduled where the download fits; a limit would evict a run whose caches grow.
+        requests["ephemeral-storage"] = _gibibytes(ephemeral_bytes)
     return {"requests": requests, "limits": limits}
 
 
@@ -354,7 +391,7 @@ def build_job(ftj: dict[str, Any], settings: OperatorSettings, features: ServerF
         {"name": TMP_VOLUME, "emptyDir": {}},
         # Data-loader workers share tensors through /dev/shm; a container's default is 64 MiB.
         {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
-        {"name": CACHE_VOLUME, "emptyDir": {}},
+        cache_volume(spec, settings),
     ]
     mounts: list[dict[str, Any]] = [
         {"name": CONFIG_VOLUME, "mountPath": contract.CONFIG_DIR, "readOnly": True},
@@ -385,7 +422,7 @@ def build_job(ftj: dict[str, Any], settings: OperatorSettings, features: ServerF
         "command": list(settings.trainer_command),
         "env": _env(ftj, spec, settings) + [{"name": Env.TERMINATION_GRACE_SECONDS.value, "value": str(grace)}],
         **({"envFrom": [dict(item) for item in spec["envFrom"]]} if spec.get("envFrom") else {}),
-        "resources": _resources(spec),
+        "resources": _resources(spec, ephemeral_storage_bytes(ftj, spec, settings)),
         "volumeMounts": mounts,
         "terminationMessagePath": contract.TERMINATION_LOG,
         # The trainer writes its last words to the termination log; if it died before it could, the log tail.

@@ -496,6 +496,9 @@ def plan(inputs: Inputs) -> Plan:
             refused_settings = builders.pod_settings_refusal(effective["spec"], inputs.settings)
             if refused_settings:
                 return _after(result, blocked(ftj, now, *refused_settings))
+            if planned is not None and planned.status:
+                # The plan made in this pass (its budget, the model's size) reaches the pod before it is stored.
+                effective["status"] = {**old, "estimate": planned.status}
             # Counted on earlier Jobs of this run (suspend/resume, a recreate) carry over to the new one.
             job_body = builders.build_job(effective, inputs.settings, inputs.features,
                                           int(old.get("interruptions") or 0), int(old.get("failures") or 0))

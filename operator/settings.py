@@ -94,6 +94,9 @@ class OperatorSettings:
     # create FineTuneJobs but not Pods would get an identity or a Secret Kubernetes never granted them.
     allowed_service_accounts: tuple[str, ...] = ()
     allow_secrets: bool = False
+    # The chart's trainer.cacheVolumeClaim: a PVC (in each FineTuneJob's namespace) for the trainer's cache dir when
+    # the spec names none (spec.cache.volumeClaimName); unset: an emptyDir, gone with the pod.
+    cache_volume_claim: str | None = None
     # Bounded retries of the FineTuneJob handlers, with backoff.
     handler_retries: int = 8
     handler_backoff_seconds: float = 2.0
@@ -195,6 +198,8 @@ class OperatorSettings:
             if raw not in ("true", "false", "1", "0", "yes", "no"):
                 raise SettingsError(f"{ENV_PREFIX}ALLOW_SECRETS={get('ALLOW_SECRETS')!r}: expected true or false")
             values["allow_secrets"] = raw in ("true", "1", "yes")
+        if get("CACHE_VOLUME_CLAIM"):
+            values["cache_volume_claim"] = get("CACHE_VOLUME_CLAIM")
         if get("RESYNC_SECONDS"):
             values["resync_seconds"] = number("RESYNC_SECONDS", float, 0.5)
         if get("HANDLER_RETRIES"):

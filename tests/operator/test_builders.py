@@ -646,3 +646,38 @@ def test_a_job_with_every_pod_setting_is_kept_by_the_real_server(cluster, kubect
     job["metadata"].pop("ownerReferences")
     created = json.loads(kubectl("create", "-o", "json", "-f", "-", input=json.dumps(job)).stdout)
     assert missing(job, created) == []
+
+
+# --- the cache volume (issue 11, item 4) ------------------------------------------------------------------------------
+def _cache(job: dict) -> dict:
+    return next(v for v in pod_spec(job)["volumes"] if v["name"] == "cache")
+
+
+def _with_estimate(ftj: dict, weights: int) -> dict:
+    ftj["status"] = {"estimate": {"breakdown": {"weightsBytes": weights}}}
+    return ftj
+
+
+def test_the_cache_is_an_emptydir_unless_a_claim_is_named(settings):
+    assert _cache(build_job(make_ftj(), settings)) == {"name": "cache", "emptyDir": {}}
+    by_install = build_job(make_ftj(), OperatorSettings(cache_volume_claim="trainer-cache"))
+    assert _cache(by_install) == {"name": "cache", "persistentVolumeClaim": {"claimName": "trainer-cache"}}
+    by_spec = build_job(make_ftj(cache={"volumeClaimName": "team-cache"}),
+                        OperatorSettings(cache_volume_claim="trainer-cache"))
+    assert _cache(by_spec) == {"name": "cache", "persistentVolumeClaim": {"claimName": "team-cache"}}
+    mount = next(m for m in container(by_spec)["volumeMounts"] if m["name"] == "cache")
+    assert mount == {"name": "cache", "mountPath": contract.CACHE_DIR}
+    assert env_of(by_spec)["HF_HOME"]["value"].startswith(contract.CACHE_DIR)  # the hub download lands on the claim
+
+
+def test_an_emptydir_cache_requests_the_ephemeral_storage_of_the_hub_download(settings):
+    weights = 16_060_522_496  # Llama-3.1-8B in bf16
+    hub = _with_estimate(make_ftj(model={"source": "hf://meta-llama/Llama-3.1-8B", "maxSeqLength": 2048}), weights)
+    requests = container(build_job(hub, settings))["resources"]["requests"]
+    assert requests["ephemeral-storage"] == f"{-(-(weights + (1 << 30)) // 2**30)}Gi" == "16Gi"
+    assert "ephemeral-storage" not in container(build_job(hub, settings))["resources"]["limits"]
+    # Nothing is downloaded from a claim, and a cache claim holds the download itself.
+    from_pvc = _with_estimate(make_ftj(), weights)
+    assert "ephemeral-storage" not in container(build_job(from_pvc, settings))["resources"]["requests"]
+    on_claim = build_job(hub, OperatorSettings(cache_volume_claim="trainer-cache"))
+    assert "ephemeral-storage" not in container(on_claim)["resources"]["requests"]

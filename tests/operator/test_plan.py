@@ -640,3 +640,18 @@ def test_the_plan_module_makes_no_calls():
     assert imported <= {"__future__", "copy", "json", "dataclasses", "datetime", "typing", "pydantic",
                         "kubesloth.api.v1alpha1", ".", ".estimate", ".settings"}, imported
     assert "datetime.now" not in source and "time.monotonic" not in source
+
+
+def test_the_job_created_in_the_planning_pass_gets_what_the_plan_knows():
+    """The estimate is made and the Job created in one pass: the pod must get the plan's facts (the GPU table's
+    budget, the hub download's size) from that estimate, not from a status stored later."""
+    estimate = Estimate(status={"fits": True, "budgetSource": "spec.resources.gpuProduct",
+                                "budgetBytes": 48 * 2**30, "breakdown": {"weightsBytes": 16 * 2**30}},
+                        condition=FITS.condition)
+    ftj = make_ftj(model={"source": "hf://meta-llama/Llama-3.1-8B"}, resources={"gpuProduct": "NVIDIA-L40S"})
+    plan = plan_mod.plan(plan_mod.Inputs(ftj=ftj, job=None, configmap=None, pods=[], features=V1_20, now=NOW,
+                                         settings=SETTINGS, estimate=estimate, estimate_new=True))
+    container = created_job(plan)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBESLOTH_GPU_BUDGET_BYTES"] == str(48 * 2**30)
+    assert container["resources"]["requests"]["ephemeral-storage"] == "17Gi"

@@ -191,3 +191,24 @@ def test_metrics_retain_drops_series_of_jobs_not_listed():
     observed.observe_job("ns", "c", {"phase": "Pending"})  # created after the list started: kept
     assert observed.retain({("ns", "a")}, listed_at=150.0) == 1
     assert set(observed._jobs) == {("ns", "a"), ("ns", "c")}
+
+
+def test_every_api_answer_returns_its_connection_to_the_pool(cached, kubectl, namespace, monkeypatch):
+    """Answers read raw (`_preload_content=False`) and not needed (an event posted, a deletion, a patch) are still
+    read to their end: urllib3 returns a connection to its pool only then, and an unread one made every later
+    request open a new TLS connection (an SSL context, the CA store loaded: most of a burst's CPU)."""
+    import urllib3.connection
+
+    api, _ = cached
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(ftj("pooled", suspend=True)))
+    owner = api.get_ftj(namespace, "pooled")
+    connects = []
+    real = urllib3.connection.HTTPSConnection.connect
+    monkeypatch.setattr(urllib3.connection.HTTPSConnection, "connect",
+                        lambda self, *a, **k: (connects.append(1), real(self, *a, **k))[1])
+    for i in range(10):
+        api.post_event(owner, "Normal", "PoolTest", f"event {i}")
+        api.delete_job(namespace, "no-such-job", "0")
+        api.stop_job(namespace, "no-such-job", "0")
+        api.get_ftj(namespace, "pooled")
+    assert len(connects) <= 1, f"{len(connects)} new connections for 40 sequential requests"

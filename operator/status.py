@@ -148,6 +148,16 @@ def classify_pod(pod: dict[str, Any]) -> Attempt | None:
     if code == ExitCode.INTERRUPTED:
         return Attempt(INTERRUPTION, "Interrupted", f"trainer exited {code} (Interrupted)"
                        + (f": {said}" if said else ""))
+    if (code == SIGKILL_EXIT_CODE and (terminated or {}).get("reason") != "OOMKilled"
+            and (parse_state((terminated or {}).get("message")) or {}).get("interrupt") == "lost"):
+        # SIGKILLed while writing its interrupt checkpoint (its last words say so): it had been told to stop, so
+        # the grace period ran out -- an interruption, whether or not the pod object was deleted (a node
+        # shutdown's kill, a kubelet that killed after the grace period).
+        grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", "?")
+        detail = said.removeprefix(f"{EXIT_REASONS[ExitCode.INTERRUPTED]}: ")
+        return Attempt(INTERRUPTION, "GracePeriodExceeded", f"the trainer was killed (exit 137) while writing its "
+                       f"interrupt checkpoint (pod terminationGracePeriodSeconds: {grace}s)"
+                       + (f": {detail}" if detail else ""))
     if ((pod.get("metadata") or {}).get("deletionTimestamp") and code in (SIGKILL_EXIT_CODE, SIGTERM_EXIT_CODE)
             and terminated.get("reason") != "OOMKilled"):
         # Deleted (by hand, a controller, a node going away) and stopped by the signal, not by an error of its own.
@@ -365,10 +375,13 @@ def checkpoint_and_output(spec: dict[str, Any], old: dict[str, Any], pods: list[
                                 and _RFC3339.match(said["time"]) else None)):
                 if value is not None:
                     checkpoint[key] = value
-        if code == ExitCode.INTERRUPTED and state.get("interrupt") in ("written", "skipped"):
+        interrupt = state.get("interrupt")
+        if (code == ExitCode.INTERRUPTED and interrupt in ("written", "skipped")) or (
+                interrupt == "lost" and code != ExitCode.INTERRUPTED):
+            # lost: killed while writing it (the message the trainer left before the write began).
             checkpoint = checkpoint or {}
-            checkpoint["interruptCheckpoint"] = "Skipped" if state["interrupt"] == "skipped" else "Written"
-            lost = _count(state.get("lostSteps")) if state["interrupt"] == "skipped" else 0
+            checkpoint["interruptCheckpoint"] = "Written" if interrupt == "written" else "Skipped"
+            lost = _count(state.get("lostSteps")) if interrupt != "written" else 0
             checkpoint["lostSteps"] = lost or 0
             checkpoint["message"] = _short(message)
         said_output = state.get("output") if isinstance(state.get("output"), dict) else {}

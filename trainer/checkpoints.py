@@ -32,6 +32,8 @@ STAGING_DIR = ".staging"
 _NAME = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 # Test-only: sleep this long inside every checkpoint commit (a slow volume, on purpose).
 TEST_DELAY_ENV = "KUBESLOTH_TEST_CHECKPOINT_DELAY_SECONDS"
+# Test-only: sleep this long inside the commit of the interrupt checkpoint only (a write slower than its estimate).
+TEST_INTERRUPT_DELAY_ENV = "KUBESLOTH_TEST_INTERRUPT_CHECKPOINT_DELAY_SECONDS"
 # Writing a checkpoint whose time was never measured: its size over this (conservative) bandwidth.
 CONSERVATIVE_WRITE_BYTES_PER_SECOND = 200e6
 # The interrupt checkpoint starts only if estimate x WRITE_MARGIN + EXIT_ALLOWANCE_SECONDS fits in the time left.
@@ -185,7 +187,7 @@ class CheckpointManager:
     def __init__(self, destination: Path, keep: int, run: Optional[dict[str, Any]] = None, lock: Any = None,
                  required: tuple[str, ...] = (), deadline: Optional[Deadline] = None,
                  expected_bytes: Optional[int] = None, log: Callable[[str], None] = lambda line: None,
-                 stop: Any = None):
+                 stop: Any = None, on_interrupt_write: Optional[Callable[["InterruptOutcome"], None]] = None):
         self.root = destination / CHECKPOINTS_DIR
         self.destination = destination
         self.keep = keep
@@ -197,6 +199,9 @@ class CheckpointManager:
         self.last_write_seconds: Optional[float] = None
         self.last_write_bytes: Optional[int] = None
         self.interrupt: Optional[InterruptOutcome] = None
+        # Called before the interrupt checkpoint's write starts: the trainer leaves a termination message saying
+        # so, which stands if SIGKILL cuts the write (status: the interrupt checkpoint was lost).
+        self.on_interrupt_write = on_interrupt_write
 
     @property
     def staging_root(self) -> Path:
@@ -249,6 +254,8 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
             return Checkpoint(step, final)
         delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+        if self.stop is not None and self.stop.is_set():
+            delay += float(os.environ.get(TEST_INTERRUPT_DELAY_ENV) or 0)
         if delay > 0:
             time.sleep(delay)
         self._check_can_commit(staging, step)
@@ -304,6 +311,8 @@ class CheckpointManager:
             if left is not None:
                 self.log(f"interrupt checkpoint at step {step}: ~{estimate:.1f}s to write ({how}), "
                          f"{left:.1f}s of the grace period left")
+            if self.on_interrupt_write is not None:
+                self.on_interrupt_write(self.interrupt)
         else:
             self.interrupt = InterruptOutcome(step, False, (
                 f"interrupt checkpoint skipped: writing it needs ~{need:.0f}s ({how}, with margin) and "

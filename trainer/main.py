@@ -183,8 +183,13 @@ def run(config: Optional[str], stop: threading.Event, deadline: Optional[Deadlin
 
     from kubesloth.trainer.recipe import Recipe, out_of_memory_advice
 
+    def interrupt_write_started(outcome) -> None:
+        # Stands as the pod's last words if SIGKILL cuts the write: the interrupt checkpoint was lost (the final
+        # message replaces it when the write finishes).
+        write_termination_log(contract.with_state(*lost_interrupt_message(recipe, outcome)))
+
     recipe = Recipe(job, hp, engine_name, model_path, dataset_files, destination, stop, log, plan=plan,
-                    run_identity=identity, lock=lock, deadline=deadline)
+                    run_identity=identity, lock=lock, deadline=deadline, on_interrupt_write=interrupt_write_started)
     facts["recipe"] = recipe
     try:
         try:
@@ -213,6 +218,24 @@ def run(config: Optional[str], stop: threading.Event, deadline: Optional[Deadlin
                                         result.final_loss, str(saved.path))
     finally:
         recipe.close()
+
+
+def lost_interrupt_message(recipe, outcome) -> tuple[str, dict]:
+    """(message, state) for the termination log while the interrupt checkpoint is written: what stands if the
+    kubelet's SIGKILL cuts the write (state `interrupt: lost`)."""
+    manager = recipe.checkpoints
+    latest = manager.latest()
+    lost = outcome.step - (latest.step if latest else 0)
+    message = clean_message(
+        f"{EXIT_REASONS[ExitCode.INTERRUPTED]}: killed while writing the interrupt checkpoint at step "
+        f"{outcome.step} (it did not finish within the grace period; raise spec.terminationGracePeriodSeconds); "
+        f"lost; the run resumes from {'step ' + str(latest.step) if latest else 'the start'} ({lost} steps to "
+        "train again)")
+    state: dict = {"interrupt": "lost", "lostSteps": lost}
+    checkpoint = manager.state()
+    if checkpoint:
+        state["checkpoint"] = checkpoint
+    return message, state
 
 
 def interrupted_message(recipe, result, facts: dict) -> str:

@@ -64,9 +64,11 @@ class Recipe:
     def __init__(self, job: FineTuneJob, hp: Hyperparameters, engine_name: str, model_path: Path,
                  dataset_files: list[Path], destination: Path, stop: threading.Event,
                  log: Callable[[str], None], plan: Optional[Plan] = None,
-                 run_identity: Optional[dict] = None, lock: Any = None, deadline: Optional[Deadline] = None):
+                 run_identity: Optional[dict] = None, lock: Any = None, deadline: Optional[Deadline] = None,
+                 on_interrupt_write: Optional[Callable[..., None]] = None):
         self.job, self.hp, self.engine_name, self.plan = job, hp, engine_name, plan
         self.run_identity, self.lock, self.deadline = run_identity, lock, deadline
+        self.on_interrupt_write = on_interrupt_write
         self.model_path, self.dataset_files, self.destination = model_path, dataset_files, destination
         self.stop, self.log = stop, log
         self.run_state = RunState()
@@ -83,7 +85,8 @@ class Recipe:
             # Every engine's checkpoint holds its optimizer state and safetensors weights: one without is not
             # committed (a writer whose staging dir was deleted under it).
             required=("optimizer.pt", "*.safetensors") if self.lock is not None else (),
-            deadline=self.deadline, expected_bytes=self.expected_checkpoint_bytes(), log=self.log, stop=self.stop)
+            deadline=self.deadline, expected_bytes=self.expected_checkpoint_bytes(), log=self.log, stop=self.stop,
+            on_interrupt_write=self.on_interrupt_write)
         self.checkpoints = checkpoints
         for path in checkpoints.remove_partial():
             self.log(f"removed staging leftovers {path}" if path == checkpoints.staging_root

@@ -278,6 +278,47 @@ def test_a_checkpoint_slower_than_the_grace_period_is_skipped_not_half_written(s
     assert_every_complete_checkpoint_loads(output)
 
 
+def test_an_interrupt_checkpoint_cut_by_sigkill_is_lost_never_half_complete(stack, k8s):
+    # The estimate is wrong this time: the regular checkpoints are quick, the interrupt one takes 30 s (the
+    # trainer's test-only hook) and the kubelet's SIGKILL comes after the 10 s grace period, mid-write.
+    stack.set_namespace_env(k8s.namespace, {**PACED, "KUBESLOTH_TEST_INTERRUPT_CHECKPOINT_DELAY_SECONDS": "30",
+                                            "KUBESLOTH_LOCK_HEARTBEAT_SECONDS": "1"})
+    name = "cutwrite"
+    k8s.apply(finetunejob(name, training={"maxSteps": 40}, output={"checkpointEverySteps": 5},
+                          terminationGracePeriodSeconds=10))  # backoffLimit 0: a failure would end the run
+    output = output_dir(stack, name)
+    pod = wait_new_running_pod(stack, k8s, name, set())
+    wait_for("a checkpoint", lambda: complete_checkpoints(output), timeout=180)
+    wait_trained_past(stack, pod, 7)
+    assert not sigterm_like_kubelet(pid_of(pod), grace=10), "the 30 s write finished within 10 s?"
+    ended = wait_ended(k8s, pod)
+    assert ended["exitCode"] == 137, ended
+    newest = max(complete_checkpoints(output))
+    at = int(re.search(r"interrupt checkpoint at step (\d+)", ended["message"])[1])
+    assert at > newest and "killed while writing the interrupt checkpoint" in ended["message"]
+    # The cut write is a staging directory, never a step directory, never marked COMPLETE.
+    assert (output / CHECKPOINTS_DIR / ".staging" / f"checkpoint-{at}").is_dir()
+    assert not (output / CHECKPOINTS_DIR / f"step-{at:08d}").exists()
+    assert_every_complete_checkpoint_loads(output)
+
+    def lost():
+        status = k8s.status(name)
+        return status if (status.get("checkpoint") or {}).get("interruptCheckpoint") == "Skipped" else None
+    status = wait_for("status: the interrupt checkpoint lost", lost, timeout=60)
+    assert status["checkpoint"]["step"] == newest and status["checkpoint"]["lostSteps"] == at - newest
+    assert "killed while writing the interrupt checkpoint" in status["checkpoint"]["message"]
+    assert (status["interruptions"], status["failures"]) == (1, 0), status  # GracePeriodExceeded, not a crash
+
+    again = wait_new_running_pod(stack, k8s, name, {pod["metadata"]["name"]})
+    wait_for("the resumed trainer's first step", lambda: steps(stack.pod_log(again)), timeout=180)
+    log = stack.pod_log(again)
+    assert "removed staging leftovers" in log and resumed_step(log) == newest
+    status = wait_for(f"{name} Succeeded", phase_in(k8s, name, "Succeeded", "Failed"), timeout=240)
+    assert status["phase"] == "Succeeded", status
+    assert (status["interruptions"], status["failures"]) == (1, 0)
+    assert_every_complete_checkpoint_loads(output)
+
+
 # --- 3. recreated with the same output ---------------------------------------------------------------------------
 def test_recreated_with_the_same_output_never_resumes_silently(stack, k8s):
     from kubesloth.trainer.tiny import make_tiny_model

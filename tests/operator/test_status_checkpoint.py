@@ -123,3 +123,26 @@ def test_what_the_trainer_says_cannot_break_the_status():
     status = derive_status(spec_with_output(), job(), [ended(1, "TrainerError: x", odd)], NOW)
     assert status["checkpoint"] == {"step": 5}
     FineTuneJobStatus.model_validate(status)
+
+
+def test_killed_while_writing_the_interrupt_checkpoint_is_a_lost_checkpoint_not_a_failure():
+    # The trainer's last words, left before the write began; SIGKILL (after the grace period) cut the write. The
+    # pod object was not deleted (a node shutdown's kill): only the words tell it from a crash.
+    message = ("Interrupted: killed while writing the interrupt checkpoint at step 12 (it did not finish within the "
+               "grace period; raise spec.terminationGracePeriodSeconds); lost; the run resumes from step 5 "
+               "(7 steps to train again)")
+    state = {"checkpoint": {"step": 5, "path": "checkpoints/step-00000005"}, "interrupt": "lost", "lostSteps": 7}
+    killed = ended(137, message, state)
+    status = derive_status(spec_with_output(backoffLimit=0), job(), [killed], NOW)
+    assert status["phase"] == "Pending" and cond(status, "Running")["reason"] == "GracePeriodExceeded"
+    assert "while writing its interrupt checkpoint" in cond(status, "Running")["message"]
+    assert (status["interruptions"], status["failures"]) == (1, 0)
+    checkpoint = status["checkpoint"]
+    assert checkpoint["step"] == 5 and checkpoint["interruptCheckpoint"] == "Skipped"
+    assert checkpoint["lostSteps"] == 7 and "killed while writing the interrupt checkpoint" in checkpoint["message"]
+    FineTuneJobStatus.model_validate(status)
+
+    # Exit 137 without those words (and not deleted) stays a failure: a crash is not an interruption.
+    crashed = ended(137, "Segmentation fault", None)
+    status = derive_status(spec_with_output(backoffLimit=0), job(), [crashed], NOW)
+    assert status["phase"] == "Failed" and (status["interruptions"], status["failures"]) == (0, 1)

@@ -4,7 +4,8 @@ subprocess), the node agent running the real trainer (`python -m kubesloth.train
 - SIGTERM three times with backoffLimit 1: resumed each time from the newest checkpoint, Succeeded, per-step losses
   equal to an uninterrupted twin's, 3 interruptions and 0 failures.
 - A checkpoint write slower than the grace period: the interrupt checkpoint is skipped (never half-written), the
-  run resumes from the previous one, status says the interrupt checkpoint was lost.
+  run resumes from the previous one, status says the interrupt checkpoint was lost. And when the estimate is wrong
+  (a 30 s interrupt write, SIGKILL after 10 s): the cut write stays in staging, status says lost, an interruption.
 - A FineTuneJob recreated with the same output: refused (OutputInUse naming the fields) for a finished run, another
   learning rate, another model; `spec.output.onExisting: resume|restart` continue or start over.
 - The pod deleted while a checkpoint is written, a free GPU for the replacement: never two writers (the lock),

@@ -28,6 +28,7 @@ import os
 import platform
 import queue
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -91,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resync", type=float, default=10.0, help="the operator's resync period (its default)")
     parser.add_argument("--crd", default=str(REPO_ROOT / "crds" / "kubesloth.io_finetunejobs.yaml"))
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--tracemalloc", metavar="DIR", help="diagnosis: run the operator with tracemalloc "
+                        "(KUBESLOTH_OPERATOR_TRACEMALLOC) and dump its top allocations to DIR at idle, at N and "
+                        "after deletion (slower, more memory: not for the recorded figures)")
+    parser.add_argument("--tracemalloc-frames", type=int, default=1, help="frames per traced allocation with "
+                        "--tracemalloc (0: no tracing, only RSS, glibc's and CPython's allocator statistics)")
+    parser.add_argument("--operator-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="diagnosis: extra environment for the operator (e.g. MALLOC_ARENA_MAX=1)")
+    parser.add_argument("--py-spy", metavar="FILE", help="diagnosis: record the operator with py-spy (on PATH) "
+                        "during the burst, a speedscope profile to FILE")
     args = parser.parse_args(argv)
     if not 1 <= args.burst <= args.jobs:
         parser.error("need 1 <= --burst <= --jobs")
@@ -107,11 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         subprocess.run(["kubectl", "apply", "-f", args.crd],
                        env=env, check=True, capture_output=True)
-        subprocess.run(["kubectl", "wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/finetunejobs.kubesloth.io"], env=env, check=True, capture_output=True)
+        for attempt in range(5):  # right after the apply the CRD may not be there yet: "not found"
+            established = subprocess.run(["kubectl", "wait", "--for=condition=Established", "--timeout=60s",
+                                          "crd/finetunejobs.kubesloth.io"], env=env, capture_output=True)
+            if established.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            raise SystemExit(f"the CRD is not established: {established.stderr.decode()}")
         namespace = "scale"
         subprocess.run(["kubectl", "create", "namespace", namespace], env=env, check=True, capture_output=True)
         log_path = state / "operator.log"
+        debug_env = {}
+        if args.tracemalloc:
+            Path(args.tracemalloc).mkdir(parents=True, exist_ok=True)
+            debug_env["KUBESLOTH_OPERATOR_TRACEMALLOC"] = str(Path(args.tracemalloc).resolve() / "operator")
+            debug_env["KUBESLOTH_OPERATOR_TRACEMALLOC_FRAMES"] = str(args.tracemalloc_frames)
+        debug_env.update(item.split("=", 1) for item in args.operator_env)
+        if debug_env:
+            result["operator_env"] = debug_env
         with open(log_path, "wb") as log:
             operator = subprocess.Popen(
                 [sys.executable, "-m", "kubesloth.cli", "operator"], cwd=REPO_ROOT, stdout=log,
@@ -119,7 +143,14 @@ def main(argv: list[str] | None = None) -> int:
                 env={**env, "KUBESLOTH_OPERATOR_PROMETHEUS_PORT": str(port),
                      "KUBESLOTH_OPERATOR_PROMETHEUS_ADDR": "127.0.0.1",
                      "KUBESLOTH_OPERATOR_RESYNC_SECONDS": str(args.resync),
-                     "KUBESLOTH_OPERATOR_HUB_CONFIGS": "false"})
+                     "KUBESLOTH_OPERATOR_HUB_CONFIGS": "false", **debug_env})
+        print(f"[scale] operator pid {operator.pid}, log {log_path}", file=sys.stderr, flush=True)
+
+        def memory_dump(step: str) -> None:
+            if args.tracemalloc:
+                os.kill(operator.pid, signal.SIGUSR1)
+                time.sleep(5)
+            print(f"[scale] {step}: RSS {rss_mib(operator.pid):.1f} MiB", file=sys.stderr, flush=True)
 
         import urllib3
         from kubernetes import client, config, watch
@@ -176,13 +207,35 @@ def main(argv: list[str] | None = None) -> int:
         wait("the warm-up's children to go", lambda: count("jobs") == 0 and count("pods") == 0, 120)
         time.sleep(2 * args.resync)
         result["rss_idle_mib"] = round(rss_mib(operator.pid), 1)
+        memory_dump("idle")
+
+        # RSS every half second from here on: the peak, and where it was reached.
+        peak = {"mib": 0.0, "step": "burst"}
+
+        def sample_rss() -> None:
+            while operator.poll() is None:
+                peak["mib"] = max(peak["mib"], rss_mib(operator.pid))
+                time.sleep(0.5)
+
+        threading.Thread(target=sample_rss, daemon=True).start()
 
         # 2. burst
         names = [f"s-{i:04d}" for i in range(args.jobs)]
+        spy = None
+        if args.py_spy:
+            spy = subprocess.Popen(["py-spy", "record", "-p", str(operator.pid), "-o", args.py_spy, "-f",
+                                    "speedscope", "-r", "50", "--nonblocking"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            time.sleep(2)
         with ThreadPoolExecutor(8) as pool:
             starts = dict(zip(names[:args.burst], pool.map(create, names[:args.burst])))
         wait("the burst's Jobs", lambda: all(f"{n}-trainer" in seen for n in starts), 300)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         latencies = [seen[f"{n}-trainer"] - at for n, at in starts.items()]
+        result["rss_after_burst_mib"] = round(rss_mib(operator.pid), 1)
+        result["rss_peak_in_burst_mib"] = round(peak["mib"], 1)
         result.update(burst_p50_s=round(statistics.median(latencies), 3),
                       burst_p95_s=round(percentile(latencies, 95), 3), burst_max_s=round(max(latencies), 3))
 
@@ -203,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         spent = after["kubesloth_resync_duration_seconds_sum"] - before["kubesloth_resync_duration_seconds_sum"]
         reads = {k.split("{", 1)[1].rstrip("}"): int(after[k] - before.get(k, 0))
                  for k in after if k.startswith("kubesloth_operator_reads_total{") and after[k] - before.get(k, 0)}
+        memory_dump(f"at {args.jobs}")
+        result["rss_peak_mib"] = round(peak["mib"], 1)
         result.update(rss_at_n_mib=round(max(samples), 1), rss_at_n_last_mib=round(samples[-1], 1),
                       resync_passes=int(passes), resync_mean_s=round(spent / passes, 2) if passes else None,
                       resync_objects=int(after.get("kubesloth_resync_finetunejobs", 0)),
@@ -215,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         wait("the children to go", lambda: count("jobs") == 0 and count("pods") == 0, 1200, every=5)
         time.sleep(2 * args.resync)
         result["rss_after_delete_mib"] = round(rss_mib(operator.pid), 1)
+        memory_dump("after deletion")
         result["rss_after_delete_vs_idle_pct"] = round(100 * (result["rss_after_delete_mib"] /
                                                               result["rss_idle_mib"] - 1), 1)
         tracebacks = log_path.read_text(errors="replace").count("Traceback")

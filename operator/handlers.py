@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -32,7 +33,7 @@ from kubesloth.api.v1alpha1 import GROUP, PLURAL, VERSION
 
 from . import metrics, progress
 from .builders import ANNOTATION_FTJ, LABEL_FTJ
-from .kube import KubeApi, WatchCache, slim
+from .kube import KubeApi, WatchCache, packed
 from .reconcile import Reconciler
 from .settings import OperatorSettings
 
@@ -52,7 +53,74 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+def _install_memory_dump() -> None:
+    """Diagnosis only, off unless KUBESLOTH_OPERATOR_TRACEMALLOC names a file prefix: tracemalloc from import on
+    (KUBESLOTH_OPERATOR_TRACEMALLOC_FRAMES frames, default 1; 0: no tracing), and on SIGUSR1 `PREFIX.N.txt` gets
+    RSS, the traced total and top allocation sites (by line and by file), the most numerous object types after a
+    gc, glibc's heap (mallinfo2) and CPython's obmalloc statistics (without tracing only). `bench/operator_scale.py
+    --tracemalloc DIR` signals it at idle, at N and after deletion. Tracing costs CPU and roughly doubles the
+    memory it traces: never on in production."""
+    prefix = os.environ.get("KUBESLOTH_OPERATOR_TRACEMALLOC")
+    if not prefix:
+        return
+    import collections
+    import gc
+    import signal
+    import tracemalloc
+
+    frames = int(os.environ.get("KUBESLOTH_OPERATOR_TRACEMALLOC_FRAMES", "1"))
+    if frames > 0:
+        tracemalloc.start(frames)
+    dumps = [0]
+
+    def dump(*_) -> None:
+        gc.collect()
+        rss = next((line.split(":", 1)[1].strip() for line in open("/proc/self/status")
+                    if line.startswith("VmRSS:")), "?")
+        dumps[0] += 1
+        with open(f"{prefix}.{dumps[0]}.txt", "w") as out:
+            current, peak = tracemalloc.get_traced_memory()
+            out.write(f"VmRSS {rss}; traced {current / 2**20:.1f} MiB (peak {peak / 2**20:.1f} MiB)\n\n")
+            snapshot = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
+            for group, top in (("lineno", 60), ("filename", 30)) if snapshot else ():
+                out.write(f"--- by {group}\n")
+                for stat in snapshot.statistics(group)[:top]:
+                    out.write(f"{stat.size / 2**20:8.2f} MiB {stat.count:8d}  {stat.traceback}\n")
+            out.write("--- objects by type\n")
+            for kind, n in collections.Counter(type(o).__name__ for o in gc.get_objects()).most_common(30):
+                out.write(f"{n:9d} {kind}\n")
+            out.write(f"--- glibc malloc (mallinfo2, all arenas): {_mallinfo()}\n--- CPython obmalloc\n")
+            out.flush()
+            saved = os.dup(2)  # sys._debugmallocstats() writes to the C stderr
+            try:
+                os.dup2(out.fileno(), 2)
+                sys._debugmallocstats()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
+def _mallinfo() -> dict[str, float]:
+    """glibc's heap in MiB: `heap` from the system (brk and arenas), `mmapped` (large blocks), `in_use`, `free`
+    (kept by malloc; malloc_trim can return whole free pages of it)."""
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost")]
+    try:
+        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    mallinfo2.restype = Info
+    info = mallinfo2()
+    return {"heap": round(info.arena / 2**20, 1), "mmapped": round(info.hblkhd / 2**20, 1),
+            "in_use": round(info.uordblks / 2**20, 1), "free": round(info.fordblks / 2**20, 1)}
+
+
 _limit_malloc_arenas()
+_install_memory_dump()
 SETTINGS = OperatorSettings.from_env()  # read once, at import by `kopf run`
 RECONCILER: Reconciler | None = None
 _stop = threading.Event()
@@ -94,21 +162,24 @@ def resync_pass(reconciler: Reconciler, namespaces: list[str] | None = None) -> 
     what was kept for FineTuneJobs that are gone (locks, plans, backoff, metric series, scrape readings). Returns
     how many were reconciled, None when the list failed."""
     started = time.monotonic()
+    keys = set()
     try:
-        items = ([ftj for ns in namespaces for ftj in reconciler.api.list_ftjs(ns)]
-                 if namespaces else reconciler.api.list_ftjs())
+        # Page by page (kube.LIST_PAGE): the parsed bodies of one page at a time, not of all of them.
+        for pages in ([reconciler.api.list_ftj_pages(ns) for ns in namespaces] if namespaces
+                      else [reconciler.api.list_ftj_pages()]):
+            for items in pages:
+                for ftj in items:
+                    namespace, name = ftj["metadata"]["namespace"], ftj["metadata"]["name"]
+                    keys.add((namespace, name))
+                    try:
+                        reconciler.reconcile(namespace, name, listed=ftj)
+                    except Exception as err:
+                        log.warning("resync of %s/%s failed: %s", namespace, name, err)
+                items = ftj = None  # this page goes before the next is read
     except Exception as err:  # the API server may be briefly away; the next round tries again
+        # An incomplete list forgets nothing (what it did not reach is not gone).
         log.warning("resync: cannot list FineTuneJobs: %s", err)
         return None
-    keys = set()
-    for ftj in items:
-        namespace, name = ftj["metadata"]["namespace"], ftj["metadata"]["name"]
-        keys.add((namespace, name))
-        try:
-            reconciler.reconcile(namespace, name, listed=ftj)
-        except Exception as err:
-            log.warning("resync of %s/%s failed: %s", namespace, name, err)
-    del items
     forgotten = reconciler.retain(keys, started)
     forgotten += metrics.METRICS.retain(keys, started)
     if progress.SCRAPER is not None:
@@ -129,6 +200,73 @@ def _trim_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class ChildEvents:
+    """Reconciles triggered by the children's watch events, one queued per FineTuneJob at a time, run by a few
+    threads of their own. A FineTuneJob's child events come in runs (its ConfigMap, Job and Pod are created
+    together, then the Job's and the Pod's status follow: about six per FineTuneJob): a reconcile reads everything
+    fresh when it starts, so an event for a FineTuneJob whose reconcile is queued and not started yet needs no
+    second one, and one that arrives while it runs queues one more (the running one may have read before the
+    change). Off kopf's executor, so a burst of child events never holds up the creating handlers there."""
+
+    def __init__(self, run, workers: int = 2):
+        self._run = run
+        self._workers = workers
+        self._queued: dict[tuple[str, str], None] = {}  # insertion-ordered: first come, first reconciled
+        self._running: set[tuple[str, str]] = set()
+        self._cond = threading.Condition()
+        self._stopped = False
+
+    def submit(self, namespace: str, name: str) -> bool:
+        """Queue a reconcile; False when one is already queued (and not started)."""
+        with self._cond:
+            if (namespace, name) in self._queued:
+                return False
+            self._queued[namespace, name] = None
+            self._cond.notify()
+            return True
+
+    def _next(self) -> tuple[str, str] | None:
+        with self._cond:
+            while True:
+                if self._stopped:
+                    return None
+                key = next((k for k in self._queued if k not in self._running), None)
+                if key is not None:
+                    del self._queued[key]
+                    self._running.add(key)
+                    return key
+                self._cond.wait()
+
+    def _work(self) -> None:
+        while (key := self._next()) is not None:
+            try:
+                self._run(*key)
+            except Exception as err:  # logged like kopf logged a failing event handler; the resync tries again
+                log.warning("reconcile of %s/%s after a child's event failed: %s", key[0], key[1], err)
+            finally:
+                with self._cond:
+                    self._running.discard(key)
+                    self._cond.notify_all()
+
+    def start(self) -> None:
+        with self._cond:
+            self._stopped = False
+        for i in range(self._workers):
+            threading.Thread(target=self._work, name=f"kubesloth-child-events-{i}", daemon=True).start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queued)
+
+
+CHILD_EVENTS = ChildEvents(lambda namespace, name: RECONCILER.reconcile(namespace, name))
 
 
 # A deleted FineTuneJob is forgotten by the reconcile its children's DELETED events trigger (result "gone"), and
@@ -179,12 +317,14 @@ def startup(settings: kopf.OperatorSettings, child_jobs: kopf.Index, child_confi
     RECONCILER = Reconciler(api, SETTINGS, enrichers=[progress.enrich_status],
                             observers=[metrics.observe_reconcile])
     _stop.clear()
+    CHILD_EVENTS.start()
     threading.Thread(target=_resync_loop, name="kubesloth-resync", daemon=True).start()
 
 
 @kopf.on.cleanup()
 def cleanup(**_) -> None:
     _stop.set()
+    CHILD_EVENTS.stop()
 
 
 RETRY = {"retries": SETTINGS.handler_retries, "backoff": SETTINGS.handler_backoff_seconds}
@@ -200,24 +340,28 @@ def finetunejob_changed(namespace: str, name: str, **_) -> None:
 
 @kopf.on.event(*JOBS, labels={LABEL_FTJ: kopf.PRESENT})
 @kopf.on.event(*PODS, labels={LABEL_FTJ: kopf.PRESENT})
-def child_changed(namespace: str, annotations: kopf.Annotations, **_) -> None:
+async def child_changed(namespace: str, annotations: kopf.Annotations, **_) -> None:
     CACHE.ready.set()
     if annotations.get(ANNOTATION_FTJ):
-        RECONCILER.reconcile(namespace, annotations[ANNOTATION_FTJ])
+        CHILD_EVENTS.submit(namespace, annotations[ANNOTATION_FTJ])
 
 
 # The watch cache (kube.WatchCache): the children by the keys the reconcile looks them up by. kopf removes an
 # object's entry on its DELETED event.
+# The child handlers are coroutines: kopf runs a plain function in its executor (the 8 threads that also run the
+# FineTuneJob handlers, first come first served), so in a burst every child event and index update waited
+# behind the creations, its whole raw event held meanwhile (most of a burst's memory, and a stale cache). These
+# run on kopf's event loop at once, and take microseconds: an index entry packed, a reconcile queued.
 @kopf.index(*JOBS, labels={LABEL_FTJ: kopf.PRESENT})
-def child_jobs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    return {(namespace, name): slim(body)}
+async def child_jobs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+    return {(namespace, name): packed(body)}
 
 
 @kopf.index(*CONFIGMAPS, labels={LABEL_FTJ: kopf.PRESENT})
-def child_configmaps(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    return {(namespace, name): slim(body)}
+async def child_configmaps(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+    return {(namespace, name): packed(body)}
 
 
 @kopf.index(*PODS, labels={LABEL_FTJ: kopf.PRESENT})
-def child_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {(namespace, labels[LABEL_FTJ]): slim(body)}
+async def child_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+    return {(namespace, labels[LABEL_FTJ]): packed(body)}

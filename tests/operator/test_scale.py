@@ -212,3 +212,58 @@ def test_every_api_answer_returns_its_connection_to_the_pool(cached, kubectl, na
         api.stop_job(namespace, "no-such-job", "0")
         api.get_ftj(namespace, "pooled")
     assert len(connects) <= 1, f"{len(connects)} new connections for 40 sequential requests"
+
+
+def test_child_events_coalesce_per_finetunejob_and_never_run_one_twice_at_once():
+    """Six events of one FineTuneJob queued before a worker is free: one reconcile. An event while its
+    reconcile runs: one more after it (the running one may have read before the change). Never two at once."""
+    import threading
+
+    started, release, runs, inside = threading.Event(), threading.Event(), [], {"now": 0, "most": 0}
+
+    def run(namespace, name):
+        inside["now"] += 1
+        inside["most"] = max(inside["most"], inside["now"])
+        runs.append(name)
+        started.set()
+        release.wait(5)
+        inside["now"] -= 1
+
+    events = handlers.ChildEvents(run, workers=2)
+    assert [events.submit("ns", "a") for _ in range(6)] == [True] + [False] * 5
+    events.start()
+    try:
+        assert started.wait(5)
+        assert events.submit("ns", "a")  # running: queued once more, not run beside it
+        assert not events.submit("ns", "a")
+        time.sleep(0.2)
+        assert runs == ["a"] and inside["most"] == 1 and events.pending() == 1
+        release.set()
+        deadline = time.monotonic() + 5
+        while (len(runs) < 2 or inside["now"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runs == ["a", "a"] and inside["most"] == 1 and events.pending() == 0
+    finally:
+        events.stop()
+
+
+def test_the_resync_list_comes_in_pages_and_the_cache_keeps_bytes(cached, kubectl, namespace):
+    api, indexes = cached
+    for i in range(3):
+        kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(ftj(f"p{i}", suspend=True)))
+    pages = list(api.list_ftj_pages(namespace, limit=2))
+    assert [len(page) for page in pages] == [2, 1]
+    assert sorted(f["metadata"]["name"] for page in pages for f in page) == ["p0", "p1", "p2"]
+    # What the index handlers store: one bytes object, parsed again (a fresh dict) on each read.
+    import asyncio
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p0-x", "namespace": namespace,
+                                                          "labels": {LABEL_FTJ: "p0"}, "managedFields": [{}]},
+           "spec": {"nodeName": "n", "containers": [{"name": "trainer", "image": "i"}]}, "status": {"phase": "Pending"}}
+    entry = asyncio.run(handlers.child_pods(namespace=namespace, labels=pod["metadata"]["labels"],
+                                            body=kopf.Body(pod)))
+    (key, packed_pod), = entry.items()
+    assert key == (namespace, "p0") and isinstance(packed_pod, bytes)
+    indexes["pods"][key] = [packed_pod]
+    first, second = api.cache.pods(namespace, "p0"), api.cache.pods(namespace, "p0")
+    assert first == second == [slim(pod)] and first[0] is not second[0]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and kube-controller-manager v1.20.2 from Debian bookworm's own source package, and unpacks
+# Builds kube-apiserver, kube-controller-manager and kube-scheduler v1.20.2 from Debian bookworm's own source package, and unpacks
 # Debian's etcd, into a cache outside the clone keyed by version. A machine that already has the cache skips it all.
 # Why this way: no cluster, no Docker and no GitHub downloads are possible here; Debian's archive is reachable.
 # Facts and pitfalls: ../shared/docs/test-control-plane.md.
@@ -12,7 +12,8 @@ ETCD_DEB=etcd-server
 CACHE_ROOT="${KUBESLOTH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubesloth}"
 OUT="$CACHE_ROOT/control-plane-$KUBE_VERSION"
 
-if [[ -x "$OUT/bin/kube-apiserver" && -x "$OUT/bin/kube-controller-manager" && -x "$OUT/bin/etcd" ]]; then
+if [[ -x "$OUT/bin/kube-apiserver" && -x "$OUT/bin/kube-controller-manager" && -x "$OUT/bin/kube-scheduler" &&
+      -x "$OUT/bin/etcd" ]]; then
   echo "control plane binaries cached in $OUT/bin"
   exit 0
 fi
@@ -59,7 +60,7 @@ stamp=""
 for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
   stamp+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=20 -X $pkg.gitTreeState=clean"
 done
-for cmd in kube-apiserver kube-controller-manager; do
+for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
   log "go build $cmd"
   go build -ldflags "-s -w$stamp" -o "$OUT/bin/$cmd" "./cmd/$cmd"
 done

@@ -1,4 +1,4 @@
-"""A real local Kubernetes control plane: etcd + kube-apiserver + kube-controller-manager on loopback.
+"""A real local Kubernetes control plane: etcd + kube-apiserver + kube-controller-manager + kube-scheduler on loopback.
 
 No scheduler and no kubelet: the node agent (kubesloth.local.nodeagent) plays the node. The binaries are built
 once from Debian's own kubernetes source package by hack/build-control-plane.sh and cached outside the clone.
@@ -36,10 +36,35 @@ def bin_dir() -> Path:
     return cache_root() / f"control-plane-{KUBE_VERSION}" / "bin"
 
 
+# What runs, in start order (stopped in reverse). kube-scheduler places the pods (nodeSelector, tolerations, taints,
+# priority, nvidia.com/gpu and the other requests against the node's allocatable); the node agent only runs them.
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+
+
+# The scheduler's volume plugins look up PersistentVolumeClaims and their PersistentVolumes; here a claim is a
+# directory of the node agent's volumes root (no PVC object, no storage), so they are off. Everything else is the
+# default profile: node selectors and affinity, taints and tolerations, resources, priority and preemption.
+VOLUME_PLUGINS = ("VolumeBinding", "VolumeRestrictions", "VolumeZone", "NodeVolumeLimits", "EBSLimits",
+                  "GCEPDLimits", "AzureDiskLimits")
+
+
+def scheduler_configuration(kubeconfig: Path, healthz_port: int) -> dict:
+    """kube-scheduler's KubeSchedulerConfiguration (v1beta1, what v1.20 reads; JSON is YAML)."""
+    off = lambda *names: {"disabled": [{"name": name} for name in names]}  # noqa: E731
+    return {"apiVersion": "kubescheduler.config.k8s.io/v1beta1", "kind": "KubeSchedulerConfiguration",
+            "clientConnection": {"kubeconfig": str(kubeconfig)}, "leaderElection": {"leaderElect": False},
+            # Its insecure healthz/metrics listener on a free loopback port (the default, 0.0.0.0:10251, would
+            # clash between two local clusters; v1.20 refuses port 0 here).
+            "healthzBindAddress": f"127.0.0.1:{healthz_port}", "metricsBindAddress": f"127.0.0.1:{healthz_port}",
+            "profiles": [{"schedulerName": "default-scheduler", "plugins": {
+                "preFilter": off("VolumeBinding"), "filter": off(*VOLUME_PLUGINS), "reserve": off("VolumeBinding"),
+                "preBind": off("VolumeBinding")}}]}
+
+
 def ensure_binaries() -> Path:
     """Build (first time, ~6 minutes) or find the cached control-plane binaries."""
     binaries = bin_dir()
-    if not all((binaries / name).exists() for name in ("etcd", "kube-apiserver", "kube-controller-manager")):
+    if not all((binaries / name).exists() for name in CONTROL_PLANE):
         subprocess.run(["bash", str(BUILD_SCRIPT)], check=True)
     return binaries
 
@@ -86,7 +111,7 @@ class LocalCluster:
         binaries = ensure_binaries()
         for sub in ("etcd", "certs", "logs"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
-        etcd_port, etcd_peer, api_port, kcm_port = (free_port() for _ in range(4))
+        etcd_port, etcd_peer, api_port, kcm_port, scheduler_port = (free_port() for _ in range(5))
         token = os.urandom(16).hex()
         self._write_keys()
         (self.state_dir / "tokens.csv").write_text(
@@ -133,6 +158,12 @@ class LocalCluster:
             f"--root-ca-file={certs / 'apiserver.crt'}",
             "--use-service-account-credentials=false", "--v=0",
         ])
+        scheduler_config = self.state_dir / "kube-scheduler.yaml"
+        scheduler_config.write_text(json.dumps(scheduler_configuration(self.kubeconfig, free_port())))
+        pids["kube-scheduler"] = self._spawn("kube-scheduler", [
+            str(binaries / "kube-scheduler"), f"--config={scheduler_config}", "--port=0",
+            f"--secure-port={scheduler_port}", "--bind-address=127.0.0.1", "--v=0",
+        ])
         self.info_file.write_text(json.dumps(info))
         self._wait_namespace("default", timeout)
         return self
@@ -141,7 +172,7 @@ class LocalCluster:
         if not self.info_file.exists():
             return
         pids = self.info().get("pids", {})
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+        for name in reversed(CONTROL_PLANE):
             pid = pids.get(name)
             if pid:
                 stop_process_group(pid)

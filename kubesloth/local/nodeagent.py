@@ -1,7 +1,8 @@
-"""A local node agent: plays the scheduler and the kubelet for this machine on the local control plane.
+"""A local node agent: plays the kubelet for this machine on the local control plane.
 
-It registers a Node with a fake `nvidia.com/gpu` count, binds pending pods that fit (GPU count and nodeSelector;
-others get PodScheduled=False/Unschedulable like the scheduler's), and runs each bound pod's container command as
+It registers a Node with a fake `nvidia.com/gpu` count (and cpu, memory, pods and the volumes root's disk as
+ephemeral-storage: what kube-scheduler, which the local control plane runs, places pods against), and runs each
+pod bound to it as
 a local process (`python` -> this interpreter) with the pod's env (secretKeyRef, configMapKeyRef, fieldRef
 resolved), its ConfigMap/Secret volumes written to a local folder, PVC volumes mapped to `<volumes-root>/<claim>`
 and every env value/argument that points into a mount path rewritten to the local folder. Each pod gets a
@@ -44,6 +45,8 @@ from typing import Any
 log = logging.getLogger("kubesloth.nodeagent")
 
 GPU = "nvidia.com/gpu"
+# What the API server and the node lifecycle controller put on a Node that has not yet reported Ready.
+STARTUP_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 MERGE = "application/merge-patch+json"
 MAX_TERMINATION_MESSAGE = 4096
@@ -175,7 +178,6 @@ class NodeAgent:
         self.core = client.CoreV1Api(self.api_client)
         self.running: dict[str, Running] = {}
         self.finished: set[str] = set()  # pod uids whose final status was reported
-        self.unschedulable: dict[str, str] = {}  # pod uid -> message already reported
         self.waiting: dict[str, str] = {}  # pod uid -> waiting reason already reported
         self.stop = threading.Event()
         self.wake = threading.Event()
@@ -204,8 +206,28 @@ class NodeAgent:
                                                                       "annotations": annotations}},
                                  _content_type=MERGE, _preload_content=False)
         self.heartbeat(force=True)
+        self._clear_startup_taints()
         log.info("node %s registered: %d x %s (%s)", self.config.node_name, self.config.gpus, GPU,
                  self.config.gpu_product)
+
+    def _clear_startup_taints(self) -> None:
+        """The API server taints a new Node not-ready (TaintNodesByCondition); the node lifecycle controller lifts
+        it once the node reports Ready. That controller does not run here (it would also evict on missed
+        heartbeats), so the agent lifts it after its first Ready status, as that controller would."""
+        node = json.loads(self.core.read_node(self.config.node_name, _preload_content=False).data)
+        taints = node["spec"].get("taints") or []
+        kept = [t for t in taints if t.get("key") not in STARTUP_TAINTS]
+        if kept != taints:
+            self.core.patch_node(self.config.node_name, {"spec": {"taints": kept or None}}, _content_type=MERGE,
+                                 _preload_content=False)
+
+    def _disk_bytes(self) -> int:
+        """The volumes root's file system size: where the pods' emptyDirs and caches would go."""
+        try:
+            stat = os.statvfs(self.config.volumes_root if self.config.volumes_root.exists() else "/")
+        except OSError:
+            return 0
+        return stat.f_blocks * stat.f_frsize
 
     def heartbeat(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._last_heartbeat < 10:
@@ -213,7 +235,7 @@ class NodeAgent:
         self._last_heartbeat = time.monotonic()
         stamp = now_rfc3339()
         capacity = {"cpu": self.config.cpu, "memory": self.config.memory, "pods": "110",
-                    GPU: str(self.config.gpus)}
+                    GPU: str(self.config.gpus), "ephemeral-storage": str(self._disk_bytes())}
         status = {"capacity": capacity, "allocatable": capacity,
                   "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
                                 {"type": "Hostname", "address": self.config.node_name}],
@@ -263,11 +285,6 @@ class NodeAgent:
         seen = {p["metadata"]["uid"] for p in pods}
         for uid in [uid for uid in self.running if uid not in seen]:
             self._kill_now(self.running.pop(uid))  # deleted outright (grace 0): nothing to report to
-        # GPUs held by every pod bound here that has not finished (started or not: a pod waiting for its Secret
-        # holds its GPU like on a real node).
-        gpus_used = sum(self._gpus_wanted(p) for p in pods if p["spec"].get("nodeName") == self.config.node_name
-                        and (p.get("status") or {}).get("phase") in (None, "Pending", "Running")
-                        and p["metadata"]["uid"] not in self.finished)
         for pod in pods:
             meta, spec = pod["metadata"], pod["spec"]
             uid, phase = meta["uid"], (pod.get("status") or {}).get("phase")
@@ -286,10 +303,7 @@ class NodeAgent:
                 elif phase == "Running" and uid not in self.finished:
                     # Running before this agent started: the process is gone (like a node that rebooted).
                     self._report_lost(pod)
-            elif not node and spec.get("schedulerName", "default-scheduler") == "default-scheduler":
-                gpus_used += self._schedule(pod, gpus_used)
 
-    # --- scheduling ------------------------------------------------------------------------------------------
     @staticmethod
     def _gpus_wanted(pod: dict[str, Any]) -> int:
         total = 0
@@ -298,39 +312,6 @@ class NodeAgent:
             wanted = (resources.get("limits") or {}).get(GPU) or (resources.get("requests") or {}).get(GPU)
             total += int(parse_quantity(wanted)) if wanted else 0
         return total
-
-    def _schedule(self, pod: dict[str, Any], gpus_used: int) -> int:
-        meta = pod["metadata"]
-        wanted = self._gpus_wanted(pod)
-        labels = self.node_labels()
-        selector = pod["spec"].get("nodeSelector") or {}
-        reasons = []
-        if any(labels.get(key) != value for key, value in selector.items()):
-            reasons.append("1 node(s) didn't match node selector")
-        if wanted and gpus_used + wanted > self.config.gpus:
-            reasons.append(f"1 Insufficient {GPU}")
-        if reasons:
-            message = f"0/1 nodes are available: {', '.join(reasons)}."
-            if self.unschedulable.get(meta["uid"]) != message:
-                self._patch_pod_status(pod, {"conditions": [{
-                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
-                    "lastProbeTime": None, "lastTransitionTime": now_rfc3339()}]})
-                self.unschedulable[meta["uid"]] = message
-                log.info("pod %s/%s unschedulable: %s", meta["namespace"], meta["name"], message)
-            return 0
-        body = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": self.config.node_name}}
-        from kubernetes.client.exceptions import ApiException
-        try:
-            self.core.create_namespaced_binding(meta["namespace"], body, _preload_content=False)
-        except ApiException as err:
-            if err.status in (404, 409):  # deleted meanwhile, or bound already
-                return 0
-            raise
-        self.unschedulable.pop(meta["uid"], None)
-        log.info("bound pod %s/%s to %s", meta["namespace"], meta["name"], self.config.node_name)
-        self.wake.set()
-        return wanted
 
     # --- starting a container --------------------------------------------------------------------------------
     def _pod_dir(self, pod: dict[str, Any]) -> Path:

@@ -94,7 +94,9 @@ def test_a_pod_that_fits_no_node_is_unschedulable(stack, k8s):
     wait_for("Unschedulable", lambda: (k8s.condition(name, "Running") or {}).get("reason") == "Unschedulable",
              timeout=30)
     assert k8s.phase(name) == "Pending"
-    assert "didn't match node selector" in k8s.condition(name, "Running")["message"]
+    # kube-scheduler's own words (v1.20 reports a nodeSelector miss as node affinity)
+    assert "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity" in k8s.condition(name, "Running")[
+        "message"]
     warnings = wait_for("a Warning event", lambda: [e for e in k8s.events(name) if e["reason"] == "Unschedulable"])
     assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
     k8s.kubectl("delete", "ftj", name, "-n", k8s.namespace)

@@ -87,6 +87,7 @@ class LocalCluster:
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
+        self._argv: dict[str, list[str]] = {}
 
     @property
     def kubeconfig(self) -> Path:
@@ -117,8 +118,9 @@ class LocalCluster:
         (self.state_dir / "tokens.csv").write_text(
             f'{token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},"system:masters"\n')
         pids: dict[str, int] = {}
+        self._argv = {}
         info = {"apiPort": api_port, "etcdPort": etcd_port, "token": token, "pids": pids,
-                "server": f"https://127.0.0.1:{api_port}"}
+                "server": f"https://127.0.0.1:{api_port}", "argv": self._argv}
         self._write_kubeconfig(info["server"], token)
 
         pids["etcd"] = self._spawn("etcd", [
@@ -190,7 +192,24 @@ class LocalCluster:
             return False
 
     # --- helpers ---------------------------------------------------------------------------------------------
+    def stop(self, name: str) -> None:
+        """Stop one component (a fault test: an API server outage, an etcd restart); `start` brings it back."""
+        info = self.info()
+        stop_process_group(info["pids"][name])
+        info["pids"][name] = None
+        self.info_file.write_text(json.dumps(info))
+
+    def start(self, name: str, timeout: float = 60.0) -> None:
+        """Start a stopped component again with the argv it first ran with (same ports, same data)."""
+        info = self.info()
+        self._argv = dict(info["argv"])
+        info["pids"][name] = self._spawn(name, info["argv"][name])
+        self.info_file.write_text(json.dumps(info))
+        if name in ("etcd", "kube-apiserver"):
+            self._wait_ready(timeout)
+
     def _spawn(self, name: str, argv: list[str]) -> int:
+        self._argv[name] = argv  # in the info file (up() writes it): start() runs it again
         log = open(self.state_dir / "logs" / f"{name}.log", "ab")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)

@@ -39,7 +39,9 @@ def test_a_dripping_trainer_delays_no_other_finetunejob(stack, k8s):
     # "a-" sorts first: the resync reconciles the dripping job before the others in every round.
     dripping, steady, huge = "a-drip", "b-steady", "c-huge-step"
     for name in (dripping, steady, huge):
-        k8s.apply(finetunejob(name, training={"maxSteps": 3600}))
+        # Three at once on the local node (2 CPUs here): kube-scheduler fits their CPU requests, so each asks
+        # for a little of the stand-in's real need.
+        k8s.apply(finetunejob(name, training={"maxSteps": 3600}, resources={"cpu": "250m", "memory": "1Gi"}))
     wait_for("the operator scraping the dripping trainer", lambda: scrapes(stack, dripping), timeout=60)
 
     # While it drips, the steady job's progress keeps moving: a new reading at (about) every resync.

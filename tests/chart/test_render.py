@@ -272,6 +272,15 @@ def test_job_pod_settings_reach_the_operator():
     assert pod_settings_refusal(spec, trusted) is None
 
 
+def test_the_cache_volume_claim_reaches_the_trainer_pod():
+    """trainer.cacheVolumeClaim: unset, the pod's cache is an emptyDir; set, the operator mounts that claim."""
+    assert OperatorSettings.from_env(render({}).operator_env()).cache_volume_claim is None
+    settings = OperatorSettings.from_env(render({"trainer": {"cacheVolumeClaim": "trainer-cache"}}).operator_env())
+    job = builders.build_job(_FTJ, settings)
+    cache = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "cache")
+    assert cache == {"name": "cache", "persistentVolumeClaim": {"claimName": "trainer-cache"}}
+
+
 # Helm merges a user's gpuPrices into the chart's table: overrides win, other products keep the chart's price
 # (a user drops one with `NVIDIA-A10G: null`).
 EXPECTED_PRICES = {**yaml.safe_load((CHART_DIR / "values.yaml").read_text())["gpuPrices"],

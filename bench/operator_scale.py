@@ -3,7 +3,8 @@ create -> Job p95 in a burst.
 
 Runs its own local control plane (a temporary state dir: etcd + kube-apiserver + kube-controller-manager v1.20.2)
 and the real operator (`kubesloth operator`, a kopf subprocess, default settings: resync every 10 s). No node agent
-and no scheduler: the controller-manager creates each Job's pod and it stays Pending (never bound, nothing runs), so
+(the kube-scheduler, from 2e3edcf, marks each pod Unschedulable): the controller-manager creates each Job's pod
+and it stays Pending (never bound, nothing runs), so
 the operator holds and watches the full set of children (FineTuneJob, ConfigMap, Job, Pod) of every FineTuneJob
 at almost no cost to the machine. Steps:
 

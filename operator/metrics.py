@@ -2,7 +2,7 @@
 
 Fleet: `kubesloth_finetunejobs{phase}` (every phase always present, 0 when empty), `kubesloth_reconcile_total{result}`,
 `kubesloth_reconcile_duration_seconds`, `kubesloth_job_failures_total{namespace,reason}` (jobs that ended Failed),
-`kubesloth_trainer_failures_total{namespace,reason}` (every failed trainer attempt, retried or not).
+`kubesloth_trainer_failures_total{namespace,reason}` (every failed trainer attempt, retried or not; interruptions are not failures).
 Resync: `kubesloth_resync_duration_seconds` (histogram of full passes), `kubesloth_resync_finetunejobs` (how many the
 last pass reconciled), `kubesloth_operator_reads_total{object,source}` (reads of FineTuneJobs, Jobs, ConfigMaps and
 Pods from the watch `cache` or the `api` server).

@@ -528,14 +528,16 @@ def _final_progress(pods: list[dict[str, Any]], now: datetime) -> Optional[dict[
 
 
 def _failed_pods(pods: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
-    """(uid, reason, finishedAt) of failed trainer pods, classified as status.py does (OOMKilled, exit codes)."""
+    """(uid, reason, finishedAt) of failed trainer pods, classified as status.py does (OOMKilled, exit codes).
+    Interruptions (preemption, eviction, a deleted pod, exit 6) are not failures, as in status.failures: a
+    replacement pod that the stop of a failed run deletes is not one more failed attempt."""
     failures = []
     for pod in pods:
-        failure = status_mod.pod_failure(pod) if (pod.get("status") or {}).get("phase") == "Failed" else None
-        if failure:
+        attempt = status_mod.classify_pod(pod) if (pod.get("status") or {}).get("phase") == "Failed" else None
+        if attempt and attempt.kind != status_mod.INTERRUPTION:
             states = (pod.get("status") or {}).get("containerStatuses") or [{}]
             finished = ((states[0].get("state") or {}).get("terminated") or {}).get("finishedAt")
-            failures.append((pod["metadata"].get("uid") or pod["metadata"]["name"], failure[0], finished))
+            failures.append((pod["metadata"].get("uid") or pod["metadata"]["name"], attempt.reason, finished))
     return failures
 
 

@@ -644,6 +644,12 @@ class NodeAgent:
         for run in list(self.running.values()):
             self._kill_now(run)
         self.running.clear()
+        # The node goes with its agent: a Node left behind would have kube-scheduler bind pods that nobody runs
+        # (and whose deletion then waits for a kubelet forever); the pod GC removes pods still bound to it.
+        try:
+            self.core.delete_node(self.config.node_name, _preload_content=False)
+        except Exception:
+            log.warning("could not delete node %s", self.config.node_name, exc_info=True)
 
     def _patch_pod_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
         from kubernetes.client.exceptions import ApiException

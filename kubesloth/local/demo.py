@@ -34,8 +34,15 @@ def kubectl(cluster: LocalCluster, *args: str, check: bool = True, capture: bool
 
 def install_crd(cluster: LocalCluster) -> None:
     kubectl(cluster, "apply", "-f", str(CRD_FILE))
-    kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s",
-            "crd/finetunejobs.kubesloth.io")
+    # Polled: right after the apply the CRD may have no status yet, and `kubectl wait` then fails at once
+    # ("status.conditions accessor error: <nil>") instead of waiting.
+    deadline = time.monotonic() + 60
+    while kubectl(cluster, "get", "crd/finetunejobs.kubesloth.io", "-o",
+                  'jsonpath={.status.conditions[?(@.type=="Established")].status}', check=False,
+                  capture=True).stdout.strip() != "True":
+        if time.monotonic() > deadline:
+            raise RuntimeError("crd/finetunejobs.kubesloth.io was not Established within 60 s")
+        time.sleep(0.2)
 
 
 def say(message: str) -> None:

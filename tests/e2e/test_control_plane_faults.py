@@ -43,7 +43,11 @@ def own_cluster(tmp_path_factory):
     local.up()
     kubectl = Kubectl(local)
     kubectl("apply", "-f", str(REPO_ROOT / "crds" / "kubesloth.io_finetunejobs.yaml"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubesloth.io")
+    deadline = time.monotonic() + 60  # polled: kubectl wait fails at once while the CRD has no status yet
+    while kubectl("get", "crd/finetunejobs.kubesloth.io", "-o", 'jsonpath={.status.conditions[?(@.type=="Established")]'
+                  '.status}', check=False).stdout.strip() != "True":
+        assert time.monotonic() < deadline, "the CRD was not Established within 60 s"
+        time.sleep(0.2)
     yield local
     local.down()
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kubesloth.local.cluster import REPO_ROOT, LocalCluster
-
-CRD_FILE = REPO_ROOT / "crds" / "kubesloth.io_finetunejobs.yaml"
+from kubesloth.local.cluster import LocalCluster
+from kubesloth.local.demo import install_crd
 
 
 class Kubectl:
@@ -26,29 +25,11 @@ class Kubectl:
         return proc
 
 
-def wait_established(kubectl, crd: str = "crd/finetunejobs.kubesloth.io", timeout: float = 60.0) -> None:
-    """`kubectl wait --for=condition=Established`, polled: right after the apply the CRD may have no status yet,
-    and kubectl wait then fails at once ("status.conditions accessor error: <nil>") instead of waiting."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        proc = kubectl("get", crd, "-o", 'jsonpath={.status.conditions[?(@.type=="Established")].status}',
-                       check=False)
-        if proc.returncode == 0 and proc.stdout.strip() == "True":
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{crd} not Established after {timeout:.0f}s: {proc.stdout} {proc.stderr}")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory) -> LocalCluster:
     local = LocalCluster(tmp_path_factory.mktemp("control-plane"))
     local.up()
-    kubectl = Kubectl(local)
-    kubectl("apply", "-f", str(CRD_FILE))
-    wait_established(kubectl)
+    install_crd(local)  # applied, then polled until Established (kubesloth/local/demo.py)
     yield local
     local.down()
 

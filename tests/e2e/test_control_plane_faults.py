@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from kubesloth.local.cluster import REPO_ROOT, LocalCluster
+from kubesloth.local.cluster import LocalCluster
+from kubesloth.local.demo import install_crd
 
 from .conftest import make_stack
 from .stack import Cluster, finetunejob, wait_for
@@ -41,13 +42,7 @@ class Kubectl:
 def own_cluster(tmp_path_factory):
     local = LocalCluster(tmp_path_factory.mktemp("faulty-control-plane"))
     local.up()
-    kubectl = Kubectl(local)
-    kubectl("apply", "-f", str(REPO_ROOT / "crds" / "kubesloth.io_finetunejobs.yaml"))
-    deadline = time.monotonic() + 60  # polled: kubectl wait fails at once while the CRD has no status yet
-    while kubectl("get", "crd/finetunejobs.kubesloth.io", "-o", 'jsonpath={.status.conditions[?(@.type=="Established")]'
-                  '.status}', check=False).stdout.strip() != "True":
-        assert time.monotonic() < deadline, "the CRD was not Established within 60 s"
-        time.sleep(0.2)
+    install_crd(local)
     yield local
     local.down()
 

@@ -618,13 +618,21 @@ PROFILES = ("auto", "lean", "fast", "custom")
 
 
 def parse_plan_rows(text: str) -> list[dict]:
-    """`SHAPE:SEQ:BUDGET[:PROFILE]`, comma-separated (rows may repeat). BUDGET is resources.gpuMemoryGiB in GiB,
-    or `-` for none (the card); PROFILE defaults to auto."""
+    """`SHAPE:SEQ:BUDGET[:PROFILE][@NAME=VALUE+NAME=VALUE]`, comma-separated (rows may repeat). BUDGET is
+    resources.gpuMemoryGiB in GiB, or `-` for none (the card); PROFILE defaults to auto; after `@`, environment
+    variables for that row's trainer (a start-up experiment, e.g. `@UNSLOTH_ALLOW_CPU=1`)."""
     rows = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        parts = item.split(":")
+        spec, _, env_text = item.partition("@")
+        env = {}
+        for pair in filter(None, env_text.split("+")):
+            key, eq, value = pair.partition("=")
+            if not eq or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
+                raise SystemExit(f"plan row {item!r}: after @, NAME=VALUE pairs joined by + (e.g. @UNSLOTH_X=1)")
+            env[key] = value
+        parts = spec.split(":")
         if len(parts) not in (3, 4):
             raise SystemExit(f"plan row {item!r}: expected SHAPE:SEQ:BUDGET[:PROFILE], e.g. 8b:16384:24")
         shape, seq_text, budget_text = parts[:3]
@@ -645,7 +653,8 @@ def parse_plan_rows(text: str) -> list[dict]:
             budget = int(budget) if budget.is_integer() else budget
         if profile not in PROFILES:
             raise SystemExit(f"plan row {item!r}: unknown profile {profile!r} (known: {', '.join(PROFILES)})")
-        rows.append({"row": item, "shape": shape, "seq": int(seq_text), "budget_gib": budget, "profile": profile})
+        rows.append({"row": item, "shape": shape, "seq": int(seq_text), "budget_gib": budget, "profile": profile,
+                     "env": env})
     if not rows:
         raise SystemExit("no plan rows given")
     return rows
@@ -801,6 +810,7 @@ def cmd_plan_table(args) -> int:
         extra = {"KUBESLOTH_TERMINATION_LOG": str(termination)}
         if args.engine:
             extra["KUBESLOTH_ENGINE"] = args.engine
+        extra.update(row["env"])
         argv = [sys.executable, "-m", "kubesloth.trainer", "--config", str(config)]
         timeout = min(left, args.row_timeout)
         log(f"{name}: start ({'cold' if cold else 'warm'} {arch} compile cache), {left:.0f}s of budget left, "

@@ -7,8 +7,9 @@
 # for plan: SHAPE:SEQ:BUDGET[:PROFILE],... (e.g. 8b:16384:24,qwen7b:8192:48,qwen1.5b:2048:80).
 # Everything must end inside the device tool's 10 minutes: BUDGET (seconds, default 570) bounds the whole script
 # and the tables skip rows that no longer fit. TABLE_ARGS / PLAN_ARGS add flags to table / plan-table (e.g.
-# PLAN_ARGS="--warmup 3 --timed 5 --row-timeout 150"). Results land in $OUT (at most 8 files come back: the table
-# JSON and markdown, issue7.json, and one tarball of all logs).
+# PLAN_ARGS="--warmup 3 --timed 5 --row-timeout 150"); SAMPLE=1 records where each trainer's start-up goes.
+# Results land in $OUT (at most 8 files come back: the table JSON and markdown, issue7.json, and one tarball of
+# all logs).
 set -uo pipefail
 phase=${1:?phase: issue7, table or plan}
 case "$phase" in
@@ -31,6 +32,12 @@ for f in kubesloth/*; do ln -sfn "$PWD/$f" $shim/; done
 for d in api trainer operator planner; do ln -sfn "$PWD/$d" $shim/$d; done
 # Never the repo root itself on sys.path: its operator/ would shadow the standard library's operator module.
 export PYTHONSAFEPATH=1 PYTHONPATH=/tmp/shim:/tmp/site
+# SAMPLE=1: each trainer's main-thread stack every 10 ms into logs.tgz (samples/; bench/startup_sampler,
+# read with bench/startup_report.py): where its start-up time goes.
+if [ "${SAMPLE:-0}" = 1 ]; then
+  mkdir -p $res/samples
+  export PYTHONPATH=$PWD/bench/startup_sampler:$PYTHONPATH KUBESLOTH_BENCH_SAMPLE=$res/samples/trainer
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee $res/gpu.txt
 # The package set against requirements/trainer.lock (hack/check_lock.py): what .whl/ installed, and the image's

@@ -145,7 +145,13 @@ def test_plan_rows():
     assert [(r["shape"], r["seq"], r["budget_gib"], r["profile"]) for r in rows] == [
         ("8b", 16384, 24, "auto"), ("qwen7b", 8192, 48, "lean"), ("qwen1.5b", 2048, None, "auto"),
         ("8b", 2048, 12.5, "auto")]
-    for bad in ("8b:16384", "70b:2048:24", "qwen7b:65536:24", "8b:2048:0", "8b:2048:x", "8b:2048:24:turbo", ""):
+    assert [r["env"] for r in rows] == [{}] * 4
+    env_rows = gb.parse_plan_rows("8b:2048:48:lean@UNSLOTH_ALLOW_CPU=1+KUBESLOTH_X=a=b,8b:2048:48@")
+    assert [(r["profile"], r["env"]) for r in env_rows] == [
+        ("lean", {"UNSLOTH_ALLOW_CPU": "1", "KUBESLOTH_X": "a=b"}), ("auto", {})]
+    assert env_rows[0]["row"] == "8b:2048:48:lean@UNSLOTH_ALLOW_CPU=1+KUBESLOTH_X=a=b"  # the table names it whole
+    for bad in ("8b:16384", "70b:2048:24", "qwen7b:65536:24", "8b:2048:0", "8b:2048:x", "8b:2048:24:turbo", "",
+                "8b:2048:24@X", "8b:2048:24@lower=1"):
         with pytest.raises(SystemExit):
             gb.parse_plan_rows(bad)
 

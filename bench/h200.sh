@@ -39,6 +39,12 @@ if [ "${SAMPLE:-0}" = 1 ]; then
   export PYTHONPATH=$PWD/bench/startup_sampler:$PYTHONPATH KUBESLOTH_BENCH_SAMPLE=$res/samples/trainer
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# Bytecode as the trainer image has it (pip compiles every package at build): here the first process writes it
+# under a prefix that covers the H200 image's own packages too, and later processes read it. Before run 7 every
+# process compiled its imports from source (the H200's environment writes no bytecode).
+echo "bytecode: dont_write=$(python3 -c 'import sys; print(sys.dont_write_bytecode)') PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}"
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee $res/gpu.txt
 # The package set against requirements/trainer.lock (hack/check_lock.py): what .whl/ installed, and the image's
 # transformers, must be the lock's versions; torch and triton come from the H200's image (2.11.0+cu130 / 3.6.0 where

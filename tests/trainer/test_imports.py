@@ -51,3 +51,33 @@ def test_unsloth_is_imported_only_inside_gpu_engine_functions():
                     offences.append(f"{where}:{node.lineno}")
     assert not offences, offences
     assert any(_is_unsloth(n) for n in ast.walk(ast.parse((TRAINER / "engines" / "unsloth.py").read_text())))
+
+
+def test_unsloth_environment_skips_trl_rewrites_only_for_an_engine_without_trl(monkeypatch):
+    """The fused engine (its own loop) imports unsloth with UNSLOTH_ALLOW_CPU=1, which is what stops Unsloth
+    rewriting TRL's trainers at import; the unsloth engine (TRL's SFTTrainer) needs them; a pod's own value wins."""
+    import os
+
+    from kubesloth.trainer.engines import loading
+
+    for name in ("UNSLOTH_ALLOW_CPU", "UNSLOTH_DISABLE_CPU_FALLBACK"):
+        monkeypatch.delenv(name, raising=False)
+    loading.before_unsloth()
+    assert "UNSLOTH_ALLOW_CPU" not in os.environ
+    assert os.environ["UNSLOTH_DISABLE_CPU_FALLBACK"] == "1"
+    loading.before_unsloth(uses_trl=False)
+    assert os.environ["UNSLOTH_ALLOW_CPU"] == "1"
+    monkeypatch.setenv("UNSLOTH_ALLOW_CPU", "0")
+    loading.before_unsloth(uses_trl=False)
+    assert os.environ["UNSLOTH_ALLOW_CPU"] == "0"
+
+    # Who asks for what: the fused engine loads without TRL, the unsloth engine with it.
+    def load_calls(path: Path) -> list:
+        calls = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load_unsloth":
+                calls.append({k.arg: ast.literal_eval(k.value) for k in node.keywords})
+        return calls
+
+    assert load_calls(TRAINER / "engines" / "fused.py") == [{"uses_trl": False}]
+    assert load_calls(TRAINER / "engines" / "unsloth.py") == [{}]

@@ -189,7 +189,7 @@ class FusedEngine:
         tuning = _tuning()
         if on_gpu:
             budget = memory_cap(ctx, tuning)
-            self.model, self.tokenizer = loading.load_unsloth(ctx)
+            self.model, self.tokenizer = loading.load_unsloth(ctx, uses_trl=False)  # its own loop
         else:
             budget = None
             checkpointing = hp.gradient_checkpointing != "false"

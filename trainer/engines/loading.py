@@ -20,15 +20,24 @@ from typing import Any
 UNSLOTH_CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
 
 
-def before_unsloth() -> None:
+def before_unsloth(uses_trl: bool = True) -> None:
     """The environment `import unsloth` must see: a GPU without Unsloth's CPU fallback (if CUDA vanished, fail
-    instead of silently training on CPU)."""
+    instead of silently training on CPU); for an engine that never uses TRL (`uses_trl=False`: the fused engine),
+    no rewrite of TRL's trainers either.
+
+    Unsloth 2026.10.9 regenerates and imports every TRL trainer (GRPO, DPO, SFT, ... ) at import, 12 s of a warm
+    8B restart's 50 on the H200 (docs/benchmarks.md, run 6), unless UNSLOTH_ALLOW_CPU=1. On a host with a GPU
+    that flag changes nothing else: it keeps the device type "cuda", and every other branch it guards (bf16,
+    libcuda, triton) also asks torch.cuda.is_available(). A value the pod's environment sets is kept."""
     os.environ.setdefault("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
+    if not uses_trl:
+        os.environ.setdefault("UNSLOTH_ALLOW_CPU", "1")
 
 
-def load_unsloth(ctx: Any) -> tuple[Any, Any]:
-    """FastLanguageModel.from_pretrained for full fine-tuning; imports unsloth if the caller has not yet."""
-    before_unsloth()
+def load_unsloth(ctx: Any, uses_trl: bool = True) -> tuple[Any, Any]:
+    """FastLanguageModel.from_pretrained for full fine-tuning; imports unsloth if the caller has not yet
+    (`uses_trl`: see before_unsloth)."""
+    before_unsloth(uses_trl)
     import unsloth  # noqa: F401  (before transformers: it patches it)
     from unsloth import FastLanguageModel
 

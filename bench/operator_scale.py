@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 1. idle
         create("warmup")
-        wait("the warm-up Job", lambda: "warmup-trainer" in seen, 120)
+        wait("the warm-up Job", lambda: "warmup-trainer" in seen, 600 if args.tracemalloc else 120)  # tracing: slow start
         custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "warmup")
         wait("the warm-up's children to go", lambda: count("jobs") == 0 and count("pods") == 0, 120)
         time.sleep(2 * args.resync)

@@ -5,9 +5,9 @@ Triggers, all calling the same level-triggered reconcile of one FineTuneJob:
   * watch events of its Job and Pods (label kubesloth.io/finetunejob): status follows the pod within a second,
   * a resync thread every `resync_seconds` (pods change without any event reaching us while the operator was
     down; TTLs expire with no event at all): one list of FineTuneJobs per pass, children from the watch cache.
-Jobs, Pods and ConfigMaps are watched with a server-side label selector (`settings.watching.label_selectors`: a
-handler's `labels=` filter is applied by kopf client-side, after every object of the kind has been received), and
-kept in kopf indexes that the reconcile reads instead of the API (kube.WatchCache).
+kopf watches only the FineTuneJobs. Jobs, Pods and ConfigMaps are followed by the operator's own list+watch per
+kind with a server-side label selector (kube.ChildWatch), packed into kube.WatchCache, which the reconcile reads
+instead of the API: kopf's per-object bookkeeping for 3000 children was most of the operator's memory at scale.
 No handler needs a finalizer (children go by ownerReferences; no timers/daemons, which would add one), so a
 stopped operator never blocks `kubectl delete ftj`.
 """
@@ -32,8 +32,8 @@ from urllib3.exceptions import HTTPError
 from kubesloth.api.v1alpha1 import GROUP, PLURAL, VERSION
 
 from . import metrics, progress
-from .builders import ANNOTATION_FTJ, LABEL_FTJ
-from .kube import KubeApi, WatchCache, packed
+from .builders import LABEL_FTJ
+from .kube import ChildWatch, KubeApi, WatchCache
 from .reconcile import Reconciler
 from .settings import OperatorSettings
 
@@ -82,6 +82,8 @@ def _install_memory_dump() -> None:
             current, peak = tracemalloc.get_traced_memory()
             out.write(f"VmRSS {rss}; traced {current / 2**20:.1f} MiB (peak {peak / 2**20:.1f} MiB)\n\n")
             snapshot = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
+            if snapshot is not None:  # for comparing two dumps by traceback (what survived a deletion)
+                snapshot.dump(f"{prefix}.{dumps[0]}.snapshot")
             for group, top in (("lineno", 60), ("filename", 30)) if snapshot else ():
                 out.write(f"--- by {group}\n")
                 for stat in snapshot.statistics(group)[:top]:
@@ -126,12 +128,9 @@ RECONCILER: Reconciler | None = None
 _stop = threading.Event()
 TRANSIENT_HTTP = {409, 429, 500, 502, 503, 504}
 CACHE = WatchCache()
-# The children's kinds, as the decorators and the watch selectors name them. Only objects labelled
-# kubesloth.io/finetunejob (every child the operator builds is) are sent by the API server.
-JOBS = ("batch", "v1", "jobs")
-PODS = ("v1", "pods")
-CONFIGMAPS = ("v1", "configmaps")
+# Only objects labelled kubesloth.io/finetunejob (every child the operator builds is) are sent by the API server.
 CHILD_SELECTOR = LABEL_FTJ  # a label selector: "the key exists"
+WATCH: ChildWatch | None = None
 
 
 def _serve_metrics() -> None:
@@ -290,16 +289,11 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.execution.max_workers = 8
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
-    # Server-side filtering: the API server sends only our children (kopf 1.45 applies a handler's `labels=`
-    # on the client, after receiving every Pod and Job of the cluster).
-    for kind in (JOBS, PODS, CONFIGMAPS):
-        settings.watching.label_selectors[kind] = CHILD_SELECTOR
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, child_jobs: kopf.Index, child_configmaps: kopf.Index,
-            child_pods: kopf.Index, **_) -> None:
-    global RECONCILER
+def startup(settings: kopf.OperatorSettings, **_) -> None:
+    global RECONCILER, WATCH
     configure(settings)
     try:
         kube_config.load_incluster_config()
@@ -312,12 +306,17 @@ def startup(settings: kopf.OperatorSettings, child_jobs: kopf.Index, child_confi
     _serve_metrics()
     api = KubeApi()
     CACHE.ready.clear()
-    CACHE.bind(child_jobs, child_configmaps, child_pods)
     api.cache = CACHE
     RECONCILER = Reconciler(api, SETTINGS, enrichers=[progress.enrich_status],
                             observers=[metrics.observe_reconcile])
     _stop.clear()
     CHILD_EVENTS.start()
+    # Its own API client: the watches hold their connections for minutes, out of the reconciles' pool.
+    WATCH = ChildWatch(KubeApi(), CACHE, CHILD_EVENTS.submit, SETTINGS.namespaces, CHILD_SELECTOR)
+    WATCH.start()
+    # The FineTuneJobs' resume handlers run after this: with the children listed by then, from the cache.
+    if not CACHE.ready.wait(30):
+        log.warning("the children's watches have not listed them in 30 s; reading them from the API meanwhile")
     threading.Thread(target=_resync_loop, name="kubesloth-resync", daemon=True).start()
 
 
@@ -325,6 +324,8 @@ def startup(settings: kopf.OperatorSettings, child_jobs: kopf.Index, child_confi
 def cleanup(**_) -> None:
     _stop.set()
     CHILD_EVENTS.stop()
+    if WATCH is not None:
+        WATCH.stop()
 
 
 RETRY = {"retries": SETTINGS.handler_retries, "backoff": SETTINGS.handler_backoff_seconds}
@@ -334,34 +335,4 @@ RETRY = {"retries": SETTINGS.handler_retries, "backoff": SETTINGS.handler_backof
 @kopf.on.create(GROUP, VERSION, PLURAL, **RETRY)
 @kopf.on.update(GROUP, VERSION, PLURAL, **RETRY)
 def finetunejob_changed(namespace: str, name: str, **_) -> None:
-    CACHE.ready.set()  # kopf runs no handler but the indexes' before every index has its initial listing
-    reconcile_or_retry(namespace, name)
-
-
-@kopf.on.event(*JOBS, labels={LABEL_FTJ: kopf.PRESENT})
-@kopf.on.event(*PODS, labels={LABEL_FTJ: kopf.PRESENT})
-async def child_changed(namespace: str, annotations: kopf.Annotations, **_) -> None:
-    CACHE.ready.set()
-    if annotations.get(ANNOTATION_FTJ):
-        CHILD_EVENTS.submit(namespace, annotations[ANNOTATION_FTJ])
-
-
-# The watch cache (kube.WatchCache): the children by the keys the reconcile looks them up by. kopf removes an
-# object's entry on its DELETED event.
-# The child handlers are coroutines: kopf runs a plain function in its executor (the 8 threads that also run the
-# FineTuneJob handlers, first come first served), so in a burst every child event and index update waited
-# behind the creations, its whole raw event held meanwhile (most of a burst's memory, and a stale cache). These
-# run on kopf's event loop at once, and take microseconds: an index entry packed, a reconcile queued.
-@kopf.index(*JOBS, labels={LABEL_FTJ: kopf.PRESENT})
-async def child_jobs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    return {(namespace, name): packed(body)}
-
-
-@kopf.index(*CONFIGMAPS, labels={LABEL_FTJ: kopf.PRESENT})
-async def child_configmaps(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    return {(namespace, name): packed(body)}
-
-
-@kopf.index(*PODS, labels={LABEL_FTJ: kopf.PRESENT})
-async def child_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {(namespace, labels[LABEL_FTJ]): packed(body)}
+    reconcile_or_retry(namespace, name)  # before the watches' first lists: the children read from the API

@@ -3,8 +3,8 @@
 Raw JSON (`_preload_content=False`) keeps objects exactly as the API server sent them, the same shape the pure
 builders and status functions take and the unit tests write by hand.
 
-Reads of the children (Job, ConfigMap, Pods) come from a `WatchCache` once the operator's watches have listed them
-(kopf indexes fed by server-side label-selected watches, see operator/handlers.py); before that, or with no cache,
+Reads of the children (Job, ConfigMap, Pods) come from a `WatchCache` once the operator's own watches of them
+(`ChildWatch`: server-side label-selected list+watch, no kopf) have listed them; before that, or with no cache,
 from the API server. `fresh=True` asks the API server regardless (the cache holds only labelled objects and lags
 the operator's own writes by a moment).
 """
@@ -12,14 +12,16 @@ the operator's own writes by a moment).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 
 from kubesloth.api.contract import Env
 from kubesloth.api.v1alpha1 import GROUP, PLURAL, VERSION
@@ -27,6 +29,7 @@ from kubesloth.api.v1alpha1 import GROUP, PLURAL, VERSION
 from .builders import ANNOTATION_FTJ, LABEL_FTJ
 from .settings import ServerFeatures
 
+log = logging.getLogger("kubesloth.operator")
 EVENT_SOURCE = "kubesloth-operator"
 LIST_PAGE = 100  # FineTuneJobs per page of the resync's list
 
@@ -84,55 +87,235 @@ POD_SPEC_READ = ("nodeName", "nodeSelector")
 POD_ENV_READ = frozenset({Env.METRICS_PORT.value})
 
 
-def _values(store: Any) -> list[dict[str, Any]]:
-    """A kopf index store's values, parsed (the asyncio thread may update it while a reconcile thread reads it)."""
-    for _ in range(5):
-        try:
-            entries = list(store)
-            break
-        except RuntimeError:  # changed size during iteration
-            continue
-    else:
-        entries = list(store)
-    return [unpacked(entry) for entry in entries]
-
-
 class WatchCache:
-    """The children as the operator's watches last saw them: three kopf indexes (operator/handlers.py), keyed
-    (namespace, name) for Jobs and ConfigMaps and (namespace, label value of the FineTuneJob) for Pods. kopf
-    fills them from its own list+watch of label-selected objects, drops an object on its DELETED event, and runs
-    no other handler before every index has had its initial listing, so once `ready` is set an absent key means
-    no such labelled object."""
+    """The children as the operator's own watches (`ChildWatch`) last saw them, each one `packed` bytes object:
+    Jobs and ConfigMaps by (namespace, name), Pods by (namespace, label value of the FineTuneJob) and pod name.
+    Once `ready` is set (every watch has had its first list) an absent key means no such labelled object. Read
+    from the reconcile threads, written by the watch threads: one lock, held only for a dict operation."""
 
     def __init__(self) -> None:
         self.ready = threading.Event()
-        self._jobs: Any = None
-        self._configmaps: Any = None
-        self._pods: Any = None
-
-    def bind(self, jobs: Any, configmaps: Any, pods: Any) -> None:
-        self._jobs, self._configmaps, self._pods = jobs, configmaps, pods
+        self._guard = threading.Lock()
+        self._jobs: dict[tuple[str, str], bytes] = {}
+        self._configmaps: dict[tuple[str, str], bytes] = {}
+        self._pods: dict[tuple[str, str], dict[str, bytes]] = {}
 
     def usable(self) -> bool:
-        return self.ready.is_set() and self._jobs is not None
-
-    @staticmethod
-    def _one(index: Any, key: tuple[str, str]) -> dict[str, Any] | None:
-        store = index.get(key)
-        if not store:
-            return None
-        # One name, one live object; two only while a DELETED event is on its way: the newest.
-        return max(_values(store), key=lambda o: o["metadata"].get("creationTimestamp") or "")
+        return self.ready.is_set()
 
     def job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._one(self._jobs, (namespace, name))
+        with self._guard:
+            entry = self._jobs.get((namespace, name))
+        return unpacked(entry) if entry is not None else None
 
     def configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._one(self._configmaps, (namespace, name))
+        with self._guard:
+            entry = self._configmaps.get((namespace, name))
+        return unpacked(entry) if entry is not None else None
 
     def pods(self, namespace: str, label_value: str) -> list[dict[str, Any]]:
-        store = self._pods.get((namespace, label_value))
-        return _values(store) if store else []
+        with self._guard:
+            entries = list((self._pods.get((namespace, label_value)) or {}).values())
+        return [unpacked(entry) for entry in entries]
+
+    def __len__(self) -> int:
+        with self._guard:
+            return len(self._jobs) + len(self._configmaps) + sum(len(p) for p in self._pods.values())
+
+    # Writes (the watches; tests)
+    def put(self, kind: str, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        if "kind" not in body:  # a list's items have no apiVersion and kind
+            body = {"apiVersion": KIND_OF[kind][0], "kind": KIND_OF[kind][1], **body}
+        entry = packed(body)
+        with self._guard:
+            if kind == "pods":
+                label = (meta.get("labels") or {}).get(LABEL_FTJ) or ""
+                self._pods.setdefault((meta["namespace"], label), {})[meta["name"]] = entry
+            else:
+                self._store(kind)[meta["namespace"], meta["name"]] = entry
+
+    def drop(self, kind: str, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        with self._guard:
+            if kind == "pods":
+                key = (meta["namespace"], (meta.get("labels") or {}).get(LABEL_FTJ) or "")
+                pods = self._pods.get(key)
+                if pods is not None:
+                    pods.pop(meta["name"], None)
+                    if not pods:
+                        del self._pods[key]
+            else:
+                self._store(kind).pop((meta["namespace"], meta["name"]), None)
+
+    def adopt(self, kind: str, namespace: str | None, fresh: "WatchCache") -> list[dict[str, Any]]:
+        """`fresh` (a new list of `kind` in `namespace`, None: all) replaces what was kept of that kind there.
+        Returns the objects that are gone or changed (each FineTuneJob's children while the watch was away)."""
+        with self._guard:
+            mine, theirs = self._store(kind), fresh._store(kind)
+            kept = [key for key in mine if namespace is None or key[0] == namespace]
+            if kind == "pods":
+                changed = [entry for key in kept for name, entry in mine[key].items()
+                           if (theirs.get(key) or {}).get(name) is None]
+                changed += [entry for key, pods in theirs.items() for name, entry in pods.items()
+                            if (mine.get(key) or {}).get(name) != entry]
+            else:
+                changed = [mine[key] for key in kept if key not in theirs]
+                changed += [entry for key, entry in theirs.items() if mine.get(key) != entry]
+            for key in kept:
+                del mine[key]
+            mine.update(theirs)
+        return [unpacked(entry) for entry in changed]
+
+    def _store(self, kind: str) -> dict:
+        return {"jobs": self._jobs, "configmaps": self._configmaps, "pods": self._pods}[kind]
+
+
+WATCH_SECONDS = 300  # the API server ends each watch after this; it is opened again from the last version
+WATCH_PAGE = 500  # objects per page of a watch's list
+# The children's kinds as the watches list them: (API group attribute of KubeApi, list call for all namespaces,
+# list call for one namespace). Only Jobs' and Pods' changes trigger a reconcile; ConfigMaps are only read.
+CHILD_KINDS = {
+    "jobs": ("batch", "list_job_for_all_namespaces", "list_namespaced_job"),
+    "pods": ("core", "list_pod_for_all_namespaces", "list_namespaced_pod"),
+    "configmaps": ("core", "list_config_map_for_all_namespaces", "list_namespaced_config_map"),
+}
+KIND_OF = {"jobs": ("batch/v1", "Job"), "pods": ("v1", "Pod"), "configmaps": ("v1", "ConfigMap")}
+TRIGGERING = ("jobs", "pods")
+
+
+class ChildWatch:
+    """The operator's children followed by one list+watch per kind (and namespace), with the server-side label
+    selector `selector`, into a `WatchCache`; a change of a Job or a Pod calls `on_change(namespace, FineTuneJob
+    name)` (the annotation the builders put on every child). This replaced kopf's indexes and event handlers on
+    the children: kopf keeps a ResourceMemory (a memo, an error throttler, index and daemon memories), a worker
+    task and a queue for every watched object, and wraps each event in bodies, patches and loggers — 3000
+    children's worth of long-lived objects and a burst's worth of short-lived ones, all for an index entry and
+    a queued reconcile. Here an event is parsed, packed and dropped in one thread.
+
+    What kopf's watching did that this keeps: a paged list first, then a watch from its resourceVersion (with
+    bookmarks), opened again from the last version seen when the API server ends it or the connection breaks
+    (1 s doubling to 10 s between failed tries), and a fresh list when the version is too old (410 Gone): what
+    the list no longer has is dropped from the cache and its FineTuneJob reconciled."""
+
+    def __init__(self, api: "KubeApi", cache: WatchCache, on_change: Callable[[str, str], Any],
+                 namespaces: tuple[str, ...] | list[str] = (), selector: str = LABEL_FTJ,
+                 page: int = WATCH_PAGE, watch_seconds: int = WATCH_SECONDS):
+        self.api = api
+        self.cache = cache
+        self.on_change = on_change
+        self.namespaces = list(namespaces) or [None]
+        self.selector = selector
+        self.page = page
+        self.watch_seconds = watch_seconds
+        self._stopped = threading.Event()
+        self._listed: set[tuple[str, str | None]] = set()
+        self._listed_guard = threading.Lock()
+
+    def start(self) -> None:
+        self._stopped.clear()
+        for kind in CHILD_KINDS:
+            for namespace in self.namespaces:
+                threading.Thread(target=self.run, args=(kind, namespace), daemon=True,
+                                 name=f"kubesloth-watch-{kind}-{namespace or 'all'}").start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _call(self, kind: str, namespace: str | None, **kwargs: Any) -> Any:
+        group, everywhere, namespaced = CHILD_KINDS[kind]
+        api = getattr(self.api, group)
+        if namespace is None:
+            return getattr(api, everywhere)(label_selector=self.selector, _preload_content=False, **kwargs)
+        return getattr(api, namespaced)(namespace, label_selector=self.selector, _preload_content=False, **kwargs)
+
+    def run(self, kind: str, namespace: str | None) -> None:
+        version, delay = None, 1.0
+        while not self._stopped.is_set():
+            try:
+                if version is None:
+                    version = self.list(kind, namespace)
+                version = self.watch(kind, namespace, version)
+                delay = 1.0
+            except ApiException as err:
+                if err.status == 410:
+                    version = None  # too old: list again
+                    continue
+                if self._stopped.is_set():
+                    return
+                log.warning("watch of %s (%s) failed: API %s %s; again in %.0f s", kind, namespace or "all",
+                            err.status, err.reason, delay)
+                self._stopped.wait(delay)
+                delay = min(delay * 2, 10.0)
+            except Exception as err:  # the API server away, a broken connection: again from the last version
+                if self._stopped.is_set():
+                    return
+                log.warning("watch of %s (%s) failed: %s; again in %.0f s", kind, namespace or "all", err, delay)
+                self._stopped.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def list(self, kind: str, namespace: str | None) -> str:
+        """Every labelled object of `kind`, page by page (one page parsed at a time), into the cache; returns the
+        list's resourceVersion."""
+        fresh = WatchCache()
+        token = None
+        while True:
+            data = _json(self._call(kind, namespace, limit=self.page, **({"_continue": token} if token else {})))
+            for item in data.get("items") or []:
+                fresh.put(kind, item)
+            meta = data.get("metadata") or {}
+            token = meta.get("continue")
+            data = None
+            if not token:
+                break
+        changed = self.cache.adopt(kind, namespace, fresh)
+        with self._listed_guard:
+            first = (kind, namespace) not in self._listed
+            self._listed.add((kind, namespace))
+            if len(self._listed) == len(CHILD_KINDS) * len(self.namespaces):
+                self.cache.ready.set()
+        if not first and kind in TRIGGERING:  # after the first list, the FineTuneJobs' own handlers reconcile
+            for body in changed:
+                self._changed(body)
+        return meta.get("resourceVersion")
+
+    def watch(self, kind: str, namespace: str | None, version: str) -> str:
+        """Follow `kind` from `version` until the API server ends the watch; returns the last version seen.
+        Raises ApiException(410) when the version is too old."""
+        response = self._call(kind, namespace, watch=True, resource_version=version, allow_watch_bookmarks=True,
+                              timeout_seconds=self.watch_seconds, _request_timeout=(10, self.watch_seconds + 30))
+        try:
+            for line in iter_resp_lines(response):
+                if self._stopped.is_set():
+                    break
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind_of_event, body = event.get("type"), event.get("object") or {}
+                if kind_of_event == "ERROR":
+                    raise ApiException(status=body.get("code"), reason=body.get("reason") or body.get("message"))
+                version = (body.get("metadata") or {}).get("resourceVersion") or version
+                if kind_of_event == "BOOKMARK":
+                    continue
+                if kind_of_event == "DELETED":
+                    self.cache.drop(kind, body)
+                else:
+                    self.cache.put(kind, body)
+                if kind in TRIGGERING:
+                    self._changed(body)
+                event = body = None  # nothing of it is held while waiting for the next line
+        finally:
+            response.release_conn()
+        return version
+
+    def _changed(self, body: dict[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        owner = (meta.get("annotations") or {}).get(ANNOTATION_FTJ)
+        if owner and meta.get("namespace"):
+            try:
+                self.on_change(meta["namespace"], owner)
+            except Exception:
+                log.exception("child event of %s/%s not handled", meta["namespace"], meta.get("name"))
 
 
 class KubeApi:

@@ -12,34 +12,139 @@ import pytest
 from kubernetes import config as kube_config
 
 from kubesloth.operator import handlers, metrics, progress
-from kubesloth.operator.builders import LABEL_FTJ, build_configmap, job_name
-from kubesloth.operator.kube import KubeApi, WatchCache, slim
+from kubesloth.operator.builders import ANNOTATION_FTJ, LABEL_FTJ, build_configmap, job_name
+from kubesloth.operator.kube import CHILD_KINDS, ChildWatch, KubeApi, WatchCache, slim
 from kubesloth.operator.reconcile import Reconciler
 from kubesloth.operator.settings import OperatorSettings
 
 
-def test_the_child_watches_carry_a_server_side_label_selector():
-    settings = kopf.OperatorSettings()
-    handlers.configure(settings)
-    selectors = settings.watching.label_selectors
-    for resource in (kopf.Resource("batch", "v1", "jobs"), kopf.Resource("", "v1", "pods"),
-                     kopf.Resource("", "v1", "configmaps")):
-        assert selectors.collect(resource) == [LABEL_FTJ], resource
-    # Not the FineTuneJobs (all of them are ours), nor anything else of the same names.
-    for resource in (kopf.Resource("kubesloth.io", "v1alpha1", "finetunejobs"),
-                     kopf.Resource("metrics.k8s.io", "v1beta1", "pods"), kopf.Resource("batch", "v1", "cronjobs")):
-        assert selectors.collect(resource) == [], resource
+def test_kopf_watches_only_the_finetunejobs():
+    """The children are followed by the operator's own watches (kube.ChildWatch), not kopf's: kopf kept a
+    ResourceMemory, a worker and a queue for each of 3000 children, and wrapped each of their events."""
+    registry = kopf.get_default_registry()
+    selectors = {handler.selector for sub in (registry._indexing, registry._watching, registry._changing,
+                                               registry._spawning) for handler in sub.get_all_handlers()}
+    assert {(s.group, s.version, s.any_name) for s in selectors} == {("kubesloth.io", "v1alpha1", "finetunejobs")}
 
 
-def test_kopf_sends_the_selector_in_the_list_and_watch_requests():
-    """What kopf 1.45 puts on the wire for the Pods watch (its own request builders, not our reading of them)."""
-    import inspect
+class FakeLists:
+    """A KubeApi stand-in for ChildWatch: `lists` answers (one per list call, in order) and `watches` (lines, or
+    an exception to raise) per kind; every call's arguments recorded."""
 
-    from kopf._cogs.clients import fetching, watching
+    def __init__(self, lists, watches):
+        self.lists, self.watches, self.calls = lists, watches, []
+        self.core = self.batch = self
 
-    for module in (fetching, watching):
-        assert "settings.watching.label_selectors.collect(resource)" in inspect.getsource(module)
-        assert "params['labelSelector'] = label_selector" in inspect.getsource(module)
+    def __getattr__(self, call):
+        kind = next(k for k, (_, everywhere, namespaced) in CHILD_KINDS.items() if call in (everywhere, namespaced))
+
+        def answer(*args, **kwargs):
+            self.calls.append((call, args, kwargs))
+            if kwargs.get("watch"):
+                lines = self.watches[kind].pop(0)
+                if isinstance(lines, Exception):
+                    raise lines
+                return FakeResponse(lines)
+            return FakeResponse([json.dumps(self.lists[kind].pop(0))])
+        return answer
+
+
+class FakeResponse:
+    def __init__(self, lines):
+        self.data = "\n".join(lines).encode()
+
+    def stream(self, amt=None, decode_content=False):
+        yield self.data + b"\n"
+
+    def release_conn(self):
+        pass
+
+
+def pod(name, owner, version, phase="Pending"):
+    return {"metadata": {"name": name, "namespace": "ns", "resourceVersion": version,
+                         "labels": {LABEL_FTJ: owner}, "annotations": {ANNOTATION_FTJ: owner}},
+            "spec": {"containers": [{"name": "trainer", "image": "i"}]}, "status": {"phase": phase}}
+
+
+def test_the_child_watch_lists_watches_and_lists_again_when_its_version_is_too_old():
+    """A list (with the label selector, in pages), a watch from its version: the events go to the cache and
+    trigger their FineTuneJob's reconcile; a 410 lists again, and what is gone or changed meanwhile is
+    reconciled."""
+    from kubernetes.client.exceptions import ApiException
+
+    lists = {"pods": [{"metadata": {"resourceVersion": "5", "continue": "next"}, "items": [pod("a-1", "a", "3")]},
+                      {"metadata": {"resourceVersion": "5"}, "items": [pod("b-1", "b", "4")]},
+                      {"metadata": {"resourceVersion": "9"}, "items": [pod("a-1", "a", "3"), pod("c-1", "c", "8")]}]}
+    watches = {"pods": [[json.dumps({"type": "MODIFIED", "object": pod("a-1", "a", "6", "Running")}),
+                         json.dumps({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "7"}}})],
+                        ApiException(status=410, reason="Gone"),
+                        [json.dumps({"type": "ERROR", "object": {"code": 410, "reason": "Expired"}})]]}
+    api, cache, changed = FakeLists(lists, watches), WatchCache(), []
+    watch = ChildWatch(api, cache, lambda ns, name: changed.append(name), namespaces=["ns"], page=1)
+    assert watch.list("pods", "ns") == "5"
+    assert [kwargs.get("_continue") for _, _, kwargs in api.calls] == [None, "next"]
+    assert all(kwargs["label_selector"] == LABEL_FTJ and kwargs["limit"] == 1 for _, _, kwargs in api.calls)
+    assert [p["metadata"]["name"] for p in cache.pods("ns", "b")] == ["b-1"] and changed == []  # a first list
+    assert cache.pods("ns", "a")[0]["kind"] == "Pod"  # list items have none: added
+    assert watch.watch("pods", "ns", "5") == "7"  # the bookmark's version
+    assert api.calls[-1][2]["resource_version"] == "5" and api.calls[-1][2]["label_selector"] == LABEL_FTJ
+    assert cache.pods("ns", "a")[0]["status"]["phase"] == "Running" and changed == ["a"]
+    with pytest.raises(ApiException):
+        watch.watch("pods", "ns", "7")
+    assert not cache.ready.is_set()  # jobs and configmaps not listed yet
+    changed.clear()
+    assert watch.list("pods", "ns") == "9"  # a-1 went back to version 3 (changed), b-1 gone, c-1 new
+    assert sorted(changed) == ["a", "b", "c"]
+    assert cache.pods("ns", "b") == [] and cache.pods("ns", "a")[0]["status"]["phase"] == "Pending"
+    with pytest.raises(ApiException) as raised:
+        watch.watch("pods", "ns", "9")  # the 410 as a watch event
+    assert raised.value.status == 410
+
+
+def test_the_child_watch_is_ready_when_every_kind_is_listed():
+    empty = {"metadata": {"resourceVersion": "1"}, "items": []}
+    api = FakeLists({kind: [empty, empty] for kind in CHILD_KINDS}, {})
+    cache = WatchCache()
+    watch = ChildWatch(api, cache, lambda ns, name: None, namespaces=["a", "b"])
+    for kind in CHILD_KINDS:
+        watch.list(kind, "a")
+    assert not cache.usable()
+    for kind in CHILD_KINDS:
+        watch.list(kind, "b")
+    assert cache.usable()
+
+
+def test_the_child_watch_follows_labelled_children_of_the_real_api_server(cluster, kubectl, namespace):
+    api = KubeApi(kube_config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+    cache, changed = WatchCache(), []
+    watch = ChildWatch(api, cache, lambda ns, name: changed.append((ns, name)), namespaces=[namespace])
+    kubectl("create", "configmap", "before", "-n", namespace)
+    kubectl("label", "configmap", "before", "-n", namespace, f"{LABEL_FTJ}=x")
+    kubectl("create", "configmap", "foreign", "-n", namespace)
+    watch.start()
+    try:
+        assert cache.ready.wait(30)
+        assert cache.configmap(namespace, "before")["metadata"]["labels"] == {LABEL_FTJ: "x"}
+        assert cache.configmap(namespace, "foreign") is None  # not labelled: never sent
+        job = {"apiVersion": "batch/v1", "kind": "Job",
+               "metadata": {"name": "x-trainer", "namespace": namespace, "labels": {LABEL_FTJ: "x"},
+                            "annotations": {ANNOTATION_FTJ: "x"}},
+               "spec": {"parallelism": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [
+                   {"name": "c", "image": "busybox"}]}}}}
+        kubectl("apply", "-f", "-", input=json.dumps(job))
+        deadline = time.monotonic() + 30
+        while cache.job(namespace, "x-trainer") is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        kept = cache.job(namespace, "x-trainer")
+        assert kept["spec"]["parallelism"] == 0
+        assert "template" not in kept["spec"] and "managedFields" not in kept["metadata"]
+        assert (namespace, "x") in changed
+        kubectl("delete", "job", "x-trainer", "-n", namespace)
+        while cache.job(namespace, "x-trainer") is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cache.job(namespace, "x-trainer") is None
+    finally:
+        watch.stop()
 
 
 def test_the_cache_drops_managed_fields_and_keeps_the_rest():
@@ -59,11 +164,9 @@ def ftj(name: str, **spec) -> dict:
 @pytest.fixture
 def cached(cluster):
     api = KubeApi(kube_config.new_client_from_config(config_file=str(cluster.kubeconfig)))
-    indexes = {"jobs": {}, "configmaps": {}, "pods": {}}
     api.cache = WatchCache()
-    api.cache.bind(indexes["jobs"], indexes["configmaps"], indexes["pods"])
     api.cache.ready.set()
-    return api, indexes
+    return api, api.cache
 
 
 def _per_object_reads(api: KubeApi, before) -> dict:
@@ -108,10 +211,9 @@ def test_children_are_read_from_the_cache(cached, kubectl, namespace):
     outcome = reconciler.reconcile(namespace, "made")
     assert outcome.actions == ["created ConfigMap", "created Job"]
     job = json.loads(kubectl("get", "job", job_name("made"), "-n", namespace, "-o", "json").stdout)
-    indexes["jobs"][namespace, job_name("made")] = [slim(job)]
+    indexes.put("jobs", job)
     owner = json.loads(kubectl("get", "ftj", "made", "-n", namespace, "-o", "json").stdout)
-    configmap = build_configmap(owner, OperatorSettings())
-    indexes["configmaps"][namespace, configmap["metadata"]["name"]] = [configmap]
+    indexes.put("configmaps", build_configmap(owner, OperatorSettings()))
     before = dict(api.reads)
     assert reconciler.reconcile(namespace, "made").actions == []
     assert {k for k in _per_object_reads(api, before)} == {("finetunejob", "api")}  # event-triggered: a GET
@@ -254,16 +356,13 @@ def test_the_resync_list_comes_in_pages_and_the_cache_keeps_bytes(cached, kubect
     pages = list(api.list_ftj_pages(namespace, limit=2))
     assert [len(page) for page in pages] == [2, 1]
     assert sorted(f["metadata"]["name"] for page in pages for f in page) == ["p0", "p1", "p2"]
-    # What the index handlers store: one bytes object, parsed again (a fresh dict) on each read.
-    import asyncio
-
+    # What the cache stores: one bytes object per child, parsed again (a fresh dict) on each read.
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p0-x", "namespace": namespace,
                                                           "labels": {LABEL_FTJ: "p0"}, "managedFields": [{}]},
            "spec": {"nodeName": "n", "containers": [{"name": "trainer", "image": "i"}]}, "status": {"phase": "Pending"}}
-    entry = asyncio.run(handlers.child_pods(namespace=namespace, labels=pod["metadata"]["labels"],
-                                            body=kopf.Body(pod)))
-    (key, packed_pod), = entry.items()
-    assert key == (namespace, "p0") and isinstance(packed_pod, bytes)
-    indexes["pods"][key] = [packed_pod]
+    indexes.put("pods", pod)
+    assert [type(entry) for entry in indexes._pods[namespace, "p0"].values()] == [bytes]
     first, second = api.cache.pods(namespace, "p0"), api.cache.pods(namespace, "p0")
     assert first == second == [slim(pod)] and first[0] is not second[0]
+    indexes.drop("pods", pod)
+    assert api.cache.pods(namespace, "p0") == [] and indexes._pods == {}

@@ -137,6 +137,15 @@ class OperatorSettings:
                 raise SettingsError(f"{ENV_PREFIX}{name}: expected a JSON {kind.__name__}")
             return value
 
+        def string_list(name: str, what: str) -> tuple[str, ...]:
+            """A JSON list of strings or a comma-separated list; blank items dropped."""
+            raw = get(name)
+            items = json_value(name, list) if raw.lstrip().startswith("[") else raw.split(",")
+            if not all(isinstance(item, str) for item in items):
+                raise SettingsError(f"{ENV_PREFIX}{name}: expected {what} (a JSON list of strings or "
+                                    "comma-separated)")
+            return tuple(item.strip() for item in items if item.strip())
+
         if get("TRAINER_IMAGE"):
             values["trainer_image"] = get("TRAINER_IMAGE")
         if get("TRAINER_COMMAND"):
@@ -180,19 +189,9 @@ class OperatorSettings:
         if get("EXTRA_ENV"):
             values["extra_env"] = {str(k): str(v) for k, v in json_value("EXTRA_ENV", dict).items()}
         if get("ALLOWED_IMAGES"):
-            raw = get("ALLOWED_IMAGES")
-            prefixes = json_value("ALLOWED_IMAGES", list) if raw.lstrip().startswith("[") else raw.split(",")
-            if not all(isinstance(item, str) for item in prefixes):
-                raise SettingsError(f"{ENV_PREFIX}ALLOWED_IMAGES: expected image prefixes (a JSON list of strings "
-                                    "or comma-separated)")
-            values["allowed_images"] = tuple(item.strip() for item in prefixes if item.strip())
+            values["allowed_images"] = string_list("ALLOWED_IMAGES", "image prefixes")
         if get("ALLOWED_SERVICE_ACCOUNTS"):
-            raw = get("ALLOWED_SERVICE_ACCOUNTS")
-            names = json_value("ALLOWED_SERVICE_ACCOUNTS", list) if raw.lstrip().startswith("[") else raw.split(",")
-            if not all(isinstance(item, str) for item in names):
-                raise SettingsError(f"{ENV_PREFIX}ALLOWED_SERVICE_ACCOUNTS: expected service account names (a JSON "
-                                    "list of strings or comma-separated)")
-            values["allowed_service_accounts"] = tuple(item.strip() for item in names if item.strip())
+            values["allowed_service_accounts"] = string_list("ALLOWED_SERVICE_ACCOUNTS", "service account names")
         if get("ALLOW_SECRETS"):
             raw = get("ALLOW_SECRETS").lower()
             if raw not in ("true", "false", "1", "0", "yes", "no"):

@@ -3,26 +3,13 @@ one per test session; each test that needs isolation takes a fresh `namespace`."
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
 from kubesloth.local.cluster import LocalCluster
-from kubesloth.local.demo import install_crd
-
-
-class Kubectl:
-    def __init__(self, cluster: LocalCluster):
-        self.cluster = cluster
-
-    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["kubectl", *args], env=self.cluster.env(), input=input, text=True,
-                              capture_output=True, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
-        return proc
+from kubesloth.local.demo import Kubectl, install_crd
 
 
 @pytest.fixture(scope="session")

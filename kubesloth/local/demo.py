@@ -32,6 +32,21 @@ def kubectl(cluster: LocalCluster, *args: str, check: bool = True, capture: bool
                           capture_output=capture)
 
 
+class Kubectl:
+    """kubectl bound to one local control plane, for tests: captured output, a 120 s limit, and a failure that
+    shows kubectl's stderr (check=False: the CompletedProcess whatever the exit code)."""
+
+    def __init__(self, cluster: LocalCluster):
+        self.cluster = cluster
+
+    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["kubectl", *args], env=self.cluster.env(), input=input, text=True,
+                              capture_output=True, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+
 def install_crd(cluster: LocalCluster) -> None:
     kubectl(cluster, "apply", "-f", str(CRD_FILE))
     # Polled: right after the apply the CRD may have no status yet, and `kubectl wait` then fails at once

@@ -6,13 +6,12 @@ checkpoints intact, the outage counted as neither an interruption nor a failure.
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
 
 from kubesloth.local.cluster import LocalCluster
-from kubesloth.local.demo import install_crd
+from kubesloth.local.demo import Kubectl, install_crd
 
 from .conftest import make_stack
 from .stack import Cluster, finetunejob, wait_for
@@ -22,20 +21,6 @@ pytestmark = pytest.mark.cluster  # (the conftest marks tests of the session's `
 # Tiny CPU steps take ~10 ms; paced (the trainer's test-only hook) so the run is still going when the fault lands.
 PACED = {"OMP_NUM_THREADS": "1", "KUBESLOTH_TEST_STEP_DELAY_SECONDS": "0.25"}
 STEPS = 60
-
-
-class Kubectl:
-    """kubectl against this module's control plane (the session's `kubectl` fixture talks to the other one)."""
-
-    def __init__(self, cluster: LocalCluster):
-        self.cluster = cluster
-
-    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["kubectl", *args], env=self.cluster.env(), input=input, text=True,
-                              capture_output=True, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
-        return proc
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +41,7 @@ def stack(own_cluster, tmp_path_factory, tiny_model):
 
 @pytest.fixture
 def k8s(own_cluster, stack):
-    kubectl = Kubectl(own_cluster)
+    kubectl = Kubectl(own_cluster)  # this module's control plane, not the session's
     namespace = f"faults-{int(time.time() * 1000) % 10**8}"
     kubectl("create", "namespace", namespace)
     stack.set_namespace_env(namespace, PACED)

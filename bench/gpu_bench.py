@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -309,9 +310,11 @@ def parse_plan(line: str):
 
 
 def run_child(name: str, argv: list[str], env: dict, cwd: Path, log_path: Path, nvml: NvmlPeak,
-              last_step: int, timeout: float, on_line=None) -> dict:
+              last_step: int, timeout: float, on_line=None, interrupt_at: int = None) -> dict:
     """Run one row's process; returns its step timestamps/losses, peaks and exit status. on_line(line, seconds
-    since spawn) sees every line the child prints."""
+    since spawn) sees every line the child prints. interrupt_at: SIGTERM the child once its step line
+    `interrupt_at` is seen (a preemption: it writes its interrupt checkpoint and exits 6) instead of killing it
+    after `last_step`; `interrupted_at` / the wall give the time it took to stop."""
     steps: dict[int, tuple[float, float]] = {}
     reserved_peak = None
     done_at = None
@@ -323,6 +326,7 @@ def run_child(name: str, argv: list[str], env: dict, cwd: Path, log_path: Path, 
     timer = threading.Timer(max(timeout, 1.0), lambda: _kill_group(proc))
     timer.start()
     killed_after_last = False
+    interrupted_at = None
     with log_path.open("w") as out:
         for line in proc.stdout:
             now = time.time()
@@ -338,7 +342,11 @@ def run_child(name: str, argv: list[str], env: dict, cwd: Path, log_path: Path, 
                 steps[step] = (now - spawned, loss)
                 if peak is not None:
                     reserved_peak = peak
-                if step >= last_step and not killed_after_last:
+                if interrupt_at is not None:
+                    if step >= interrupt_at and interrupted_at is None:
+                        interrupted_at = now - spawned
+                        _signal_group(proc, signal.SIGTERM)
+                elif step >= last_step and not killed_after_last:
                     # Measured: stop the trainer instead of letting it save 16 GB (see the module doc).
                     done_at = now - spawned
                     killed_after_last = True
@@ -351,14 +359,19 @@ def run_child(name: str, argv: list[str], env: dict, cwd: Path, log_path: Path, 
     return {"name": name, "exit_code": code, "timed_out": code == -9 and not killed_after_last,
             "killed_after_last": killed_after_last,
             "steps": {k: v for k, v in sorted(steps.items())}, "torch_reserved_peak": reserved_peak,
-            "nvml_peak": nvml.peak, "nvml_idle": idle_used, "wall": time.time() - spawned, "done_at": done_at}
+            "nvml_peak": nvml.peak, "nvml_idle": idle_used, "wall": time.time() - spawned, "done_at": done_at,
+            "interrupted_at": interrupted_at}
+
+
+def _signal_group(proc, sig) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _kill_group(proc) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    _signal_group(proc, signal.SIGKILL)
 
 
 def summarise(row: dict, params: int, warmup: int, seqs_per_step: int) -> dict:
@@ -977,6 +990,97 @@ def cmd_issue7(args) -> int:
     return 0
 
 
+RESUMING = re.compile(r"resuming from (\S+) \(step (\d+)\)")
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def cmd_restart(args) -> int:
+    """A preempted run and its restart, per plan row: run A trains to step --interrupt-at, gets SIGTERM (what a
+    preemption or drain sends), writes its interrupt checkpoint and exits 6; run B is the same config on the same
+    output (the restarted pod): it resumes from that checkpoint. Timed: A's SIGTERM -> exit (the checkpoint
+    write), B's spawn -> `resuming from` line -> first step. Caches are warm for B (A filled them)."""
+    models, out, work, cache = Path(args.models), Path(args.out), Path(args.work), Path(args.cache)
+    for d in (out, work, cache):
+        d.mkdir(parents=True, exist_ok=True)
+    rows = parse_plan_rows(args.rows)
+    nvml = NvmlPeak()
+    deadline = time.time() + args.budget
+    results: list[dict] = []
+    for index, row in enumerate(rows):
+        name = row["row"]
+        left = deadline - time.time()
+        model_dir, data = models / row["shape"], data_path(models, row["seq"])
+        if left < args.min_row_seconds or not (model_dir / "config.json").is_file() or not data.is_file():
+            log(f"{name}: skipped ({left:.0f}s left)")
+            results.append({**row, "skipped": f"{left:.0f}s of the budget left"})
+            continue
+        run_id = f"restart-{index:02d}-{re.sub('[^A-Za-z0-9_.-]', '_', name)}"
+        output = work / f"out-{run_id}"
+        steps = args.interrupt_at + args.after
+        job = trainer_job(model_dir, data, output, {"gpu_memory_gib": row["budget_gib"]}, steps,
+                          checkpoint_every=100000, name=f"bench-restart-{index:02d}", profile=row["profile"],
+                          seq=row["seq"])
+        config = work / f"job-{run_id}.yaml"
+        config.write_text(json.dumps(job))
+        argv = [sys.executable, "-m", "kubesloth.trainer", "--config", str(config)]
+        result = {**row, "interrupt_at": args.interrupt_at}
+        for phase in ("interrupted", "restarted"):
+            termination = work / f"termination-{run_id}-{phase}"
+            env = child_env(cache, {"KUBESLOTH_TERMINATION_LOG": str(termination), **row["env"]})
+            resumed: dict = {}
+
+            def on_line(line: str, seconds: float, resumed=resumed) -> None:
+                m = RESUMING.search(line)
+                if m and "at_s" not in resumed:
+                    resumed.update(at_s=seconds, step=int(m[2]), path=m[1])
+            timeout = min(deadline - time.time(), args.row_timeout)
+            log(f"{name} {phase}: start, {deadline - time.time():.0f}s of budget left")
+            raw = run_child(name, argv, env, work, out / f"{run_id}-{phase}.log", nvml, last_step=steps,
+                            timeout=timeout, on_line=on_line,
+                            interrupt_at=args.interrupt_at if phase == "interrupted" else None)
+            first = min(raw["steps"]) if raw["steps"] else None
+            record = {"exit_code": raw["exit_code"], "wall": raw["wall"], "first_step": first,
+                      "first_step_s": raw["steps"][first][0] if first else None,
+                      "losses": {k: v[1] for k, v in raw["steps"].items()},
+                      "torch_reserved_peak": raw["torch_reserved_peak"], "nvml_peak": raw["nvml_peak"],
+                      "termination": termination.read_text()[:600] if termination.is_file() else None}
+            if phase == "interrupted":
+                record["sigterm_at_s"] = raw["interrupted_at"]
+                record["sigterm_to_exit_s"] = (raw["wall"] - raw["interrupted_at"]) if raw["interrupted_at"] else None
+                record["checkpoint_bytes"] = dir_bytes(output / "checkpoints")
+            else:
+                record["resumed"] = resumed or None
+            result[phase] = record
+            log(f"{name} {phase}: exit {raw['exit_code']}, first step {first} at "
+                f"{record['first_step_s'] or 0:.1f}s, wall {raw['wall']:.0f}s"
+                + (f", SIGTERM -> exit {record['sigterm_to_exit_s'] or 0:.1f}s, checkpoint "
+                   f"{record['checkpoint_bytes'] / 2**30:.1f} GiB" if phase == "interrupted" else
+                   f", resumed {resumed}"))
+        results.append(result)
+        (out / "restart-table.json").write_text(json.dumps({"rows": results, "meta": {
+            "command": sys.argv, "versions": versions()}}, indent=2, default=str))
+        shutil.rmtree(output, ignore_errors=True)  # 30 GB a checkpoint: the disk holds one at a time
+    nvml.stop()
+    lines = ["| row | interrupted at step | SIGTERM -> exit s (interrupt checkpoint) | checkpoint GiB | exit | "
+             "restart: spawn -> resuming s (step) | spawn -> first step s (step) | exit |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['row']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        a, b = r["interrupted"], r["restarted"]
+        res = b.get("resumed") or {}
+        lines.append(f"| {r['row']} | {r['interrupt_at']} | {a['sigterm_to_exit_s'] or 0:.1f} | "
+                     f"{a['checkpoint_bytes'] / 2**30:.1f} | {a['exit_code']} | {res.get('at_s', 0):.1f} ({res.get('step')}) | "
+                     f"{b['first_step_s'] or 0:.1f} ({b['first_step']}) | {b['exit_code']} |")
+    table = "\n".join(lines) + "\n"
+    (out / "restart-table.md").write_text(table)
+    print(table, flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -1000,6 +1104,18 @@ def main(argv=None) -> int:
     p.add_argument("--min-row-seconds", type=float, default=45, help="skip a row with less budget left")
     p.add_argument("--engine", help="KUBESLOTH_ENGINE for the trainer (default: the environment's, else auto)")
     p.set_defaults(func=cmd_plan_table)
+    p = sub.add_parser("restart", help="a SIGTERMed run and its restart from the interrupt checkpoint, per plan row")
+    p.add_argument("--models", required=True)
+    p.add_argument("--rows", required=True, help="plan rows, e.g. 8b:2048:48:lean")
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", default="/tmp/bench-work")
+    p.add_argument("--cache", default="/tmp/bench-cache", help="persistent compile-cache path")
+    p.add_argument("--interrupt-at", type=int, default=2, help="SIGTERM after this step's line")
+    p.add_argument("--after", type=int, default=3, help="maxSteps is --interrupt-at + this")
+    p.add_argument("--budget", type=float, default=480, help="seconds for all rows")
+    p.add_argument("--row-timeout", type=float, default=240, help="seconds one process may run at most")
+    p.add_argument("--min-row-seconds", type=float, default=120, help="skip a row with less budget left")
+    p.set_defaults(func=cmd_restart)
     for name, func in (("table", cmd_table), ("issue7", cmd_issue7)):
         p = sub.add_parser(name)
         p.add_argument("--models", required=True)

@@ -3,11 +3,13 @@
 #   bash bench/h200.sh issue7 ROWS   # models (8b, 1b), the issue-7 trainer check on 1b, then table ROWS on 8b
 #   bash bench/h200.sh table ROWS    # models (8b), then table ROWS on 8b
 #   bash bench/h200.sh plan ROWS     # the shapes and data ROWS name (smallest first), then plan-table ROWS
+#   bash bench/h200.sh restart ROWS  # the same, then restart ROWS (SIGTERM, interrupt checkpoint, resume)
 # ROWS for issue7/table: rows of bench/gpu_bench.py (e.g. unsloth-1x4,unsloth-8x1,hf-1x4,lean,lean-24g,fast);
 # for plan: SHAPE:SEQ:BUDGET[:PROFILE],... (e.g. 8b:16384:24,qwen7b:8192:48,qwen1.5b:2048:80).
 # Everything must end inside the device tool's 10 minutes: BUDGET (seconds, default 570) bounds the whole script
-# and the tables skip rows that no longer fit. TABLE_ARGS / PLAN_ARGS add flags to table / plan-table (e.g.
-# PLAN_ARGS="--warmup 3 --timed 5 --row-timeout 150"); SAMPLE=1 records where each trainer's start-up goes.
+# and the tables skip rows that no longer fit. TABLE_ARGS / PLAN_ARGS / RESTART_ARGS add flags to table /
+# plan-table / restart (e.g. PLAN_ARGS="--warmup 3 --timed 5 --row-timeout 150"); SAMPLE=1 records where each
+# trainer's start-up goes.
 # Results land in $OUT (at most 8 files come back: the table JSON and markdown, issue7.json, and one tarball of
 # all logs).
 set -uo pipefail
@@ -15,7 +17,8 @@ phase=${1:?phase: issue7, table or plan}
 case "$phase" in
   issue7|table) rows=${2:-unsloth-1x4,unsloth-8x1,hf-1x4,lean,lean-24g,fast} ;;
   plan) rows=${2:-qwen1.5b:2048:80,8b:16384:24,qwen7b:8192:48,8b:2048:24,qwen7b:2048:80,8b:8192:48} ;;
-  *) echo "unknown phase $phase (issue7, table or plan)" >&2; exit 2 ;;
+  restart) rows=${2:-8b:2048:48:lean} ;;
+  *) echo "unknown phase $phase (issue7, table, plan or restart)" >&2; exit 2 ;;
 esac
 budget=${BUDGET:-570}
 OUT=${OUT:-/tmp/bench-out}
@@ -55,6 +58,13 @@ python3 -c "import kubesloth.trainer.engines.fused" || exit 1
 echo "setup: ${SECONDS}s"
 
 models=/tmp/models
+if [ "$phase" = restart ]; then
+  python3 bench/gpu_bench.py models --out $models --rows "$rows" 2>&1 | tee $res/models.log | grep bench
+  left=$((budget - SECONDS))
+  python3 bench/gpu_bench.py restart --models $models --rows "$rows" --out $res --cache /tmp/cache-restart \
+    --work /tmp/bench-work --budget $((left - 10)) ${RESTART_ARGS:-} 2>&1 | tee $res/restart-table.out
+  exit 0
+fi
 if [ "$phase" = plan ]; then
   # Only what the rows name: data for their sequence lengths, then their shapes, smallest first (disk: 64 GiB;
   # 8b 16 GB + qwen7b 15 GB + qwen1.5b 3 GB fit, nothing else big).

@@ -254,6 +254,31 @@ def test_cpu_dry_run_models_and_plan_table(tmp_path):
     assert md.count("\n") == 5 and "tiny-qwen:64:24" in md
 
 
+def test_cpu_dry_run_restart_resumes_from_the_interrupt_checkpoint(tmp_path):
+    """`restart`: run A is SIGTERMed after its step 2 line, writes its interrupt checkpoint and exits 6; run B, the
+    same config on the same output, resumes from it and trains the steps after it."""
+    env = dict(os.environ, KUBESLOTH_ENGINE="fused", KUBESLOTH_METRICS_PORT="0")
+    run = lambda *args: subprocess.run([sys.executable, str(BENCH), *args], env=env, capture_output=True,  # noqa
+                                       text=True, timeout=300)
+    models, out = tmp_path / "m", tmp_path / "out"
+    assert run("models", "--rows", "tiny:64:24", "--out", str(models)).returncode == 0
+    # Paced (the trainer's test hook) so the SIGTERM lands while steps remain.
+    done = run("restart", "--models", str(models), "--rows", "tiny:64:24@KUBESLOTH_TEST_STEP_DELAY_SECONDS=0.3",
+               "--out", str(out), "--work", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"),
+               "--budget", "240", "--min-row-seconds", "10")
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = json.loads((out / "restart-table.json").read_text())["rows"][0]
+    a, b = row["interrupted"], row["restarted"]
+    assert a["exit_code"] == 6 and a["sigterm_at_s"] > 0 and a["sigterm_to_exit_s"] > 0, a
+    assert a["checkpoint_bytes"] > 0 and "interrupt" in (a["termination"] or "").lower(), a
+    saved = b["resumed"]["step"]
+    assert saved >= 2 and max(map(int, a["losses"])) == saved  # the checkpoint holds the last step A finished
+    assert b["first_step"] == saved + 1 and b["exit_code"] == -9  # killed after its last step, as rows are
+    assert b["resumed"]["at_s"] < b["first_step_s"]
+    assert not (tmp_path / "work" / "out-restart-00-tiny_64_24_KUBESLOTH_TEST_STEP_DELAY_SECONDS_0.3").exists()
+    assert "| tiny:64:24@" in (out / "restart-table.md").read_text()
+
+
 def test_h200_shim_maps_every_package_the_project_maps():
     """bench/h200.sh maps the repo onto `kubesloth` with symlinks (no install on the device machine): every
     `kubesloth.X = dir` of pyproject's package-dir must be linked, or the trainer fails to import there."""

@@ -173,7 +173,9 @@ def read_checkpoint_files(folder: Path, model: torch.nn.Module, fused: FusedOpti
     from safetensors.torch import load_model
 
     load_model(model, str(folder / MODEL_FILE), strict=True)
-    state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    # Mapped, not read: an 8B run's states are 15 GB, which would otherwise sit in the pod's anonymous memory
+    # (beside everything the plan counted) until each is copied to where the plan places it.
+    state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=False, mmap=True)
     fused.load_state_dict(state)
     rng = torch.load(folder / RNG_FILE, weights_only=False)
     torch.set_rng_state(rng["cpu"])

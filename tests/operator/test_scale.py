@@ -366,3 +366,38 @@ def test_the_resync_list_comes_in_pages_and_the_cache_keeps_bytes(cached, kubect
     assert first == second == [slim(pod)] and first[0] is not second[0]
     indexes.drop("pods", pod)
     assert api.cache.pods(namespace, "p0") == [] and indexes._pods == {}
+
+
+def test_a_pass_after_children_went_trims_memory_and_empties_the_url_caches(monkeypatch):
+    """Deletions are mostly forgotten by event-triggered reconciles, so the pass cannot wait for one it forgot
+    itself: it trims when fewer FineTuneJobs and children are held than at the last pass."""
+    import yarl
+    from yarl import _url
+
+    class Api:
+        reads = {}
+
+        def __init__(self):
+            self.cache = WatchCache()
+
+        def list_ftj_pages(self, namespace=None):
+            yield []
+
+    trims = []
+    monkeypatch.setattr(handlers, "_trim_memory", lambda: trims.append(1))
+    monkeypatch.setattr(handlers, "_HELD", [0])
+    monkeypatch.setattr(metrics, "METRICS", metrics.OperatorMetrics())  # no other test's series to forget
+    api = Api()
+    reconciler = Reconciler(api, OperatorSettings())
+    api.cache.put("configmaps", {"metadata": {"name": "c", "namespace": "ns"}})
+    handlers.resync_pass(reconciler)
+    handlers.resync_pass(reconciler)
+    assert trims == []  # nothing went
+    api.cache.drop("configmaps", {"metadata": {"name": "c", "namespace": "ns"}})
+    handlers.resync_pass(reconciler)
+    assert trims == [1]
+    monkeypatch.undo()
+    yarl.URL("https://127.0.0.1:6443/apis/kubesloth.io/v1alpha1/namespaces/ns/finetunejobs/x")
+    assert _url.encode_url.cache_info().currsize > 0
+    handlers._trim_memory()
+    assert _url.encode_url.cache_info().currsize == 0

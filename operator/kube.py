@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import uuid
 from collections import Counter
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterator
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
+from urllib3.util.ssl_ import create_urllib3_context
 
 from kubesloth.api.contract import Env
 from kubesloth.api.v1alpha1 import GROUP, PLURAL, VERSION
@@ -318,9 +320,29 @@ class ChildWatch:
                 log.exception("child event of %s/%s not handled", meta["namespace"], meta.get("name"))
 
 
+def share_ssl_context(api_client: client.ApiClient) -> None:
+    """One TLS context for every connection of the client's pool. urllib3 builds a new SSLContext for each new
+    connection, and where the configuration names no CA (a kubeconfig with insecure-skip-tls-verify, as the local
+    control plane's) loads the system's CA store into it: 0.9 MiB of OpenSSL memory per connection, held while
+    the connection stays pooled. After a burst (8 handler threads, 2 child-event threads, the resync) that was
+    some 10 MiB of glibc heap in use after deleting everything (the after-deletion dump: 37.9 against 27.1 MiB
+    at idle, while the traced Python heap was back at its idle size). urllib3 passes a given `ssl_context` to
+    every connection and still applies the configuration's CA file and client certificate to it; it loads the
+    default store only into contexts of its own, so that is done here once, where it would have."""
+    pool = getattr(getattr(api_client, "rest_client", None), "pool_manager", None)
+    if pool is None or pool.connection_pool_kw.get("ssl_context") is not None:
+        return
+    config = api_client.configuration
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED if config.verify_ssl else ssl.CERT_NONE)
+    if not (config.ssl_ca_cert or config.ca_cert_data):
+        context.load_default_certs()
+    pool.connection_pool_kw["ssl_context"] = context
+
+
 class KubeApi:
     def __init__(self, api_client: client.ApiClient | None = None):
         self.api_client = api_client or client.ApiClient()
+        share_ssl_context(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
         self.batch = client.BatchV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)

@@ -76,6 +76,31 @@ class _Job:
     uid: str | None = None
 
 
+# What the collector reads of a job's status and spec; only these are kept per job. The whole status and spec (a
+# shallow copy: the parsed body's nested dicts and lists) of the last reconcile were kept for each job before,
+# about a hundred small objects per FineTuneJob made anew on every reconcile, each pass's scattered over the
+# small-object arenas the parsed bodies of that pass had used (and kept those arenas from being returned).
+PROGRESS_READ = ("step", "totalSteps", "tokensPerSecond", "peakGpuMemoryBytes", "etaSeconds")
+
+
+def _kept_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    if status.get("restarts"):
+        kept["restarts"] = status["restarts"]
+    dollars = (status.get("cost") or {}).get("dollars")
+    if dollars is not None:
+        kept["cost"] = {"dollars": dollars}
+    progress = {k: v for k, v in (status.get("progress") or {}).items() if k in PROGRESS_READ and v is not None}
+    if progress:
+        kept["progress"] = progress
+    return kept
+
+
+def _kept_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    gib = ((spec or {}).get("resources") or {}).get("gpuMemoryGiB")
+    return {"resources": {"gpuMemoryGiB": gib}} if gib else {}
+
+
 class _JobCollector(Collector):
     def __init__(self, owner: "OperatorMetrics"):
         self.owner = owner
@@ -203,7 +228,12 @@ class OperatorMetrics:
                 # after the reconcile's lock is released). Keep the newer one, and count nothing twice.
                 previous.seen = self.clock()
                 return
-            self._jobs[key] = _Job(phase, status, dict(spec or {}), self.clock(), uid)
+            kept_status, kept_spec = _kept_status(status), _kept_spec(spec)
+            if (previous is not None and previous.uid == uid and previous.phase == phase
+                    and previous.status == kept_status and previous.spec == kept_spec):
+                previous.seen = self.clock()  # unchanged (every resync pass): nothing new allocated
+            else:
+                self._jobs[key] = _Job(phase, kept_status, kept_spec, self.clock(), uid)
         if phase == Phase.Failed.value and (previous is None or previous.phase != Phase.Failed.value):
             if previous is not None or _failed_recently(status, now or datetime.now(timezone.utc)):
                 self.failures.labels(namespace, _failure_reason(status)).inc()

@@ -148,8 +148,9 @@ class Reconciler:
                 try:
                     outcome = self._reconcile(ftj)
                 finally:
-                    written = self.api.take_written_version(namespace, name)
-                    self._versions[key] = written or ftj["metadata"].get("resourceVersion")
+                    written = self.api.take_written_version(namespace, name) or ftj["metadata"].get("resourceVersion")
+                    if self._versions.get(key) != written:  # the same: the kept string stays (nothing new kept)
+                        self._versions[key] = written
                 result = "requeue" if outcome.retry_after else "ok"
                 return outcome
         finally:

@@ -401,3 +401,58 @@ def test_a_pass_after_children_went_trims_memory_and_empties_the_url_caches(monk
     assert _url.encode_url.cache_info().currsize > 0
     handlers._trim_memory()
     assert _url.encode_url.cache_info().currsize == 0
+
+
+def test_the_metrics_keep_only_what_they_export_and_nothing_new_when_unchanged():
+    observed = metrics.OperatorMetrics()
+    status = {"phase": "Running", "conditions": [{"type": "Running", "status": "True", "message": "x" * 100}],
+              "restarts": 1, "cost": {"dollars": 0.5, "ratePerHour": 2.0},
+              "progress": {"step": 3, "totalSteps": 10, "loss": 1.5, "tokensPerSecond": 100.0}}
+    spec = {"model": {"source": "pvc://m"}, "resources": {"gpuMemoryGiB": 24}}
+    observed.observe_job("ns", "a", status, spec, uid="u")
+    job = observed._jobs["ns", "a"]
+    assert job.status == {"restarts": 1, "cost": {"dollars": 0.5},
+                          "progress": {"step": 3, "totalSteps": 10, "tokensPerSecond": 100.0}}
+    assert job.spec == {"resources": {"gpuMemoryGiB": 24}}
+    observed.observe_job("ns", "a", json.loads(json.dumps(status)), json.loads(json.dumps(spec)), uid="u")
+    assert observed._jobs["ns", "a"] is job  # the same reading again (a resync pass): the kept one stays
+    observed.observe_job("ns", "a", {**status, "progress": {**status["progress"], "step": 4}}, spec, uid="u")
+    assert observed._jobs["ns", "a"] is not job and observed._jobs["ns", "a"].status["progress"]["step"] == 4
+    text = observed.exposition()
+    for line in ('kubesloth_job_step{finetunejob="a",namespace="ns"} 4.0',
+                 'kubesloth_job_restarts{finetunejob="a",namespace="ns"} 1.0',
+                 'kubesloth_job_cost_dollars{finetunejob="a",namespace="ns"} 0.5',
+                 'kubesloth_job_gpu_memory_capacity_bytes{finetunejob="a",namespace="ns"} 2.5769803776e+10'):
+        assert line in text, (line, text)
+
+
+def test_every_connection_of_the_client_shares_one_tls_context(cluster, monkeypatch):
+    """urllib3 made an SSLContext per connection and, with no CA configured (insecure-skip-tls-verify), loaded the
+    system CA store into each (0.9 MiB of OpenSSL memory per pooled connection)."""
+    import ssl
+    import threading
+
+    loads = []
+    real = ssl.SSLContext.load_default_certs
+    monkeypatch.setattr(ssl.SSLContext, "load_default_certs", lambda self, *a: (loads.append(1), real(self, *a))[1])
+    api = KubeApi(kube_config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+    assert api.api_client.configuration.verify_ssl is False  # the local control plane's kubeconfig
+    barrier = threading.Barrier(4)
+
+    def read():
+        barrier.wait()
+        for _ in range(3):
+            api.get_ftj("default", "no-such-job")
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pools = api.api_client.rest_client.pool_manager.pools
+    (pool,) = [pools[key] for key in pools.keys()]
+    connections = [c for c in list(pool.pool.queue) if c is not None]
+    assert len(connections) >= 2  # concurrent requests: more than one connection was opened
+    shared = api.api_client.rest_client.pool_manager.connection_pool_kw["ssl_context"]
+    assert all(c.ssl_context is shared for c in connections)
+    assert len(loads) == 1  # once for the shared context, not once per connection

@@ -189,7 +189,7 @@ def resync_pass(reconciler: Reconciler, namespaces: list[str] | None = None) -> 
     cache = getattr(reconciler.api, "cache", None)
     held = len(keys) + (len(cache) if cache is not None else 0)
     if forgotten or held < _HELD[0]:
-        _trim_memory()
+        _trim_memory(reconciler.api)
     _HELD[0] = held
     seconds = time.monotonic() - started
     metrics.METRICS.observe_resync(len(keys), seconds, reconciler.api.reads)
@@ -202,13 +202,20 @@ def resync_pass(reconciler: Reconciler, namespaces: list[str] | None = None) -> 
 _HELD = [0]  # FineTuneJobs listed + children cached at the last resync pass
 
 
-def _trim_memory() -> None:
-    """After many objects went: empty the URL caches of kopf's HTTP client and collect cycles, then give freed
-    heap back to the system (glibc keeps it otherwise; no-op elsewhere). yarl (aiohttp's URLs) keeps the last 128
-    URLs of each of its parsing functions, each URL with a cache of its parts: a URL of every FineTuneJob kopf
-    patched last, allocated during the burst of creations or deletions and so scattered over CPython's 1 MiB
-    arenas, each of which they alone kept from being returned (the after-deletion snapshots: about half the
-    objects left over idle). Rebuilt on the next request; nothing else reads them."""
+def _trim_memory(api: KubeApi | None = None) -> None:
+    """After many objects went: empty the URL caches of kopf's HTTP client, close the idle pooled connections of
+    `api` and collect cycles, then give freed heap back to the system (glibc keeps it otherwise; no-op
+    elsewhere). yarl (aiohttp's URLs) keeps the last 128 URLs of each of its parsing functions, each URL with a
+    cache of its parts: a URL of every FineTuneJob kopf patched last, allocated during the burst of creations or
+    deletions and so scattered over CPython's 1 MiB arenas, each of which they alone kept from being returned
+    (the after-deletion snapshots: about half the objects left over idle). The connections a burst opened (one
+    per thread that needed one at once) stay pooled for good, each some fifty objects made mid-burst, and its
+    TLS state. Both are made again on the next request."""
+    if api is not None:
+        try:
+            api.api_client.rest_client.pool_manager.clear()  # in-flight requests finish; their connections close
+        except AttributeError:
+            pass
     for module in ("yarl._url", "yarl._parse"):
         for value in list(vars(sys.modules.get(module) or object).values()):
             clear = getattr(value, "cache_clear", None)

@@ -384,7 +384,7 @@ def test_a_pass_after_children_went_trims_memory_and_empties_the_url_caches(monk
             yield []
 
     trims = []
-    monkeypatch.setattr(handlers, "_trim_memory", lambda: trims.append(1))
+    monkeypatch.setattr(handlers, "_trim_memory", lambda api=None: trims.append(1))
     monkeypatch.setattr(handlers, "_HELD", [0])
     monkeypatch.setattr(metrics, "METRICS", metrics.OperatorMetrics())  # no other test's series to forget
     api = Api()
@@ -401,6 +401,18 @@ def test_a_pass_after_children_went_trims_memory_and_empties_the_url_caches(monk
     assert _url.encode_url.cache_info().currsize > 0
     handlers._trim_memory()
     assert _url.encode_url.cache_info().currsize == 0
+
+
+def test_the_trim_closes_the_idle_pooled_connections(cached, kubectl, namespace):
+    """The connections a burst opened stay pooled for good (made mid-burst, they pinned arenas): the trim closes
+    the idle ones, and the next request opens one again."""
+    api, _ = cached
+    api.get_ftj(namespace, "none")
+    manager = api.api_client.rest_client.pool_manager
+    assert len(manager.pools) == 1
+    handlers._trim_memory(api)
+    assert len(manager.pools) == 0
+    assert api.get_ftj(namespace, "none") is None and len(manager.pools) == 1
 
 
 def test_the_metrics_keep_only_what_they_export_and_nothing_new_when_unchanged():

@@ -462,11 +462,6 @@ def derive_status(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[di
         counts = Counts(int(old.get("interruptions") or 0), int(old.get("failures") or 0))
     else:
         counts = count_attempts(job, [a for a in map(classify_pod, pods) if a])
-        # What was counted stands when its pod is gone: a pod deleted by hand goes once its trainer has stopped,
-        # and the attempts of a run never count back down. (A lower bound: pods gone and others ended between two
-        # reconciles count as the larger of the two, since status keeps counts, not the pods they came from.)
-        counts = Counts(max(counts.interruptions, int(old.get("interruptions") or 0)),
-                        max(counts.failures, int(old.get("failures") or 0)), counts.fatal)
     phase, reason, message = _phase(ftj, job, pods, counts)
     finished = phase in FINISHED_PHASES
 

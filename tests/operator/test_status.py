@@ -397,19 +397,6 @@ def test_counts_carry_over_from_earlier_jobs():
     assert (kept["interruptions"], kept["failures"]) == (5, 2)
 
 
-def test_counted_attempts_stand_when_their_pods_are_gone():
-    # `kubectl delete pod`: the trainer checkpoints and exits 6, the pod object goes, the Job's replacement runs.
-    counted = derive_status(ftj(backoffLimit=1), job(failed=1, backoffLimit=101),
-                            [sigterm(0), failed_pod(1, name="p1", created="2026-11-29T11:05:00Z"),
-                             running_pod("p2", created="2026-11-29T11:06:00Z")], NOW)
-    assert (counted["interruptions"], counted["failures"]) == (1, 1)
-    gone = derive_status(ftj(counted, backoffLimit=1), job(failed=2, backoffLimit=101),
-                         [running_pod("p2", created="2026-11-29T11:06:00Z")], NOW)
-    assert (gone["interruptions"], gone["failures"]) == (1, 1) and gone["phase"] == "Running"
-    # (Not covered: pods gone *and* new ones ended between two reconciles count as max(then, now), not the sum:
-    # the status keeps counts, not which pods they came from.)
-
-
 def test_too_many_interruptions_fail_the_run():
     pods = [sigterm(i) for i in range(3)]
     status = derive_status(ftj(maxInterruptions=2), job(failed=3), pods, NOW)

@@ -1090,31 +1090,31 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", default=str(SEQ), help="sequence lengths to write data-SEQ.jsonl for")
     p.add_argument("--rows", help="plan-table rows: build the shapes and data they name (overrides the above)")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("plan-table", help="the memory planner's plans through the trainer, across shapes, "
-                                          "sequence lengths and budgets")
-    p.add_argument("--models", required=True)
-    p.add_argument("--rows", required=True, help="SHAPE:SEQ:BUDGET[:PROFILE],... e.g. 8b:16384:24,qwen7b:8192:48")
-    p.add_argument("--out", required=True)
-    p.add_argument("--work", default="/tmp/bench-work")
-    p.add_argument("--cache", default="/tmp/bench-cache", help="persistent compile-cache path")
+    def plan_row_command(name: str, help: str, rows_help: str, row_timeout: float, min_row_seconds: float):
+        """The arguments plan-table and restart share (both run plan rows through the trainer)."""
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--models", required=True)
+        p.add_argument("--rows", required=True, help=rows_help)
+        p.add_argument("--out", required=True)
+        p.add_argument("--work", default="/tmp/bench-work")
+        p.add_argument("--cache", default="/tmp/bench-cache", help="persistent compile-cache path")
+        p.add_argument("--budget", type=float, default=480, help="seconds for all rows")
+        p.add_argument("--row-timeout", type=float, default=row_timeout, help="seconds one process may run at most")
+        p.add_argument("--min-row-seconds", type=float, default=min_row_seconds,
+                       help="skip a row with less budget left")
+        return p
+
+    p = plan_row_command("plan-table", "the memory planner's plans through the trainer, across shapes, sequence "
+                         "lengths and budgets", "SHAPE:SEQ:BUDGET[:PROFILE],... e.g. 8b:16384:24,qwen7b:8192:48",
+                         row_timeout=180, min_row_seconds=45)
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (not timed)")
     p.add_argument("--timed", type=int, default=5, help="timed steps after the warm-up")
-    p.add_argument("--budget", type=float, default=480, help="seconds for all rows")
-    p.add_argument("--row-timeout", type=float, default=180, help="seconds a row may run at most")
-    p.add_argument("--min-row-seconds", type=float, default=45, help="skip a row with less budget left")
     p.add_argument("--engine", help="KUBESLOTH_ENGINE for the trainer (default: the environment's, else auto)")
     p.set_defaults(func=cmd_plan_table)
-    p = sub.add_parser("restart", help="a SIGTERMed run and its restart from the interrupt checkpoint, per plan row")
-    p.add_argument("--models", required=True)
-    p.add_argument("--rows", required=True, help="plan rows, e.g. 8b:2048:48:lean")
-    p.add_argument("--out", required=True)
-    p.add_argument("--work", default="/tmp/bench-work")
-    p.add_argument("--cache", default="/tmp/bench-cache", help="persistent compile-cache path")
+    p = plan_row_command("restart", "a SIGTERMed run and its restart from the interrupt checkpoint, per plan row",
+                         "plan rows, e.g. 8b:2048:48:lean", row_timeout=240, min_row_seconds=120)
     p.add_argument("--interrupt-at", type=int, default=2, help="SIGTERM after this step's line")
     p.add_argument("--after", type=int, default=3, help="maxSteps is --interrupt-at + this")
-    p.add_argument("--budget", type=float, default=480, help="seconds for all rows")
-    p.add_argument("--row-timeout", type=float, default=240, help="seconds one process may run at most")
-    p.add_argument("--min-row-seconds", type=float, default=120, help="skip a row with less budget left")
     p.set_defaults(func=cmd_restart)
     for name, func in (("table", cmd_table), ("issue7", cmd_issue7)):
         p = sub.add_parser(name)

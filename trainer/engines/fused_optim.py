@@ -134,6 +134,62 @@ def _strip_host_aliases(state_dict: dict) -> dict:
     }
 
 
+def _split_bulk_states(saved: dict) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
+    """`saved` without its large state tensors, and those tensors by saved parameter id.
+
+    bitsandbytes' load_state_dict deep-copies the whole state dict: for an 8B run that reads all 15 GB of mapped
+    states into anonymous memory once more before they are copied to where the plan places them. The large
+    tensors skip the library and go straight to their place (`_restore_bulk_states`, then `_place_states`)."""
+    bulk: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(pid, entry: dict) -> dict:
+        kept = {}
+        for key, value in entry.items():
+            if isinstance(value, dict):  # bnb's state_dict nests its 8-bit states (FSDP); its load un-nests them
+                kept[key] = keep(pid, value)
+            elif (isinstance(value, torch.Tensor) and key != "step" and key not in _SHARED_STATE_KEYS
+                    and value.numel() >= HOST_STATE_MIN_NUMEL):
+                bulk.setdefault(pid, {})[key] = value
+            else:
+                kept[key] = value
+        return kept
+
+    states = {pid: keep(pid, entry) for pid, entry in saved["state"].items()}
+    return {**saved, "state": states}, bulk
+
+
+def _restore_bulk_states(opt: torch.optim.Optimizer, saved: dict,
+                         bulk: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Puts the tensors `_split_bulk_states` held back into `opt.state`, cast as torch and bitsandbytes cast them
+    (a floating-point state takes its parameter's dtype; 8-bit states stay uint8). On the CPU they are copied, as
+    the libraries would have (a state must not share memory with the dict it was loaded from); on a GPU
+    `_place_states` copies each to its place."""
+    saved_ids = [pid for group in saved["param_groups"] for pid in group["params"]]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for pid, param in zip(saved_ids, params):
+        for key, value in bulk.get(pid, {}).items():
+            if value.is_floating_point() and param.is_floating_point():
+                value = value.to(param.dtype)
+            if param.device.type == "cpu":
+                value = value.clone()
+            opt.state[param][key] = value
+
+
+def _unfilled_state_buffer(opt: torch.optim.Optimizer, param: torch.nn.Parameter,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' get_state_buffer without its zero fill, for a state about to be overwritten: the fill runs on
+    the GPU, so it migrates every page of the new managed buffer to the device only for the copy from the
+    checkpoint to fault each back to the host (3.1 s of an 8B resume on the H200, bench run 10). Buffers bnb
+    would not page (under 1e5 elements) come from bnb itself."""
+    if not getattr(opt, "is_paged", False) or param.numel() < 1e5:
+        return opt.get_state_buffer(param, dtype=dtype)
+    import bitsandbytes.functional as F
+
+    buffer = F.get_paged(*param.shape, dtype=dtype, device=param.device)
+    opt.page_mng.paged_tensors.append(buffer)  # what get_state_buffer does: bnb's page manager knows it
+    return buffer
+
+
 class FusedOptimizer:
     """Per-parameter optimizers stepped inside backward, with a shared LR schedule and per-parameter clipping.
 
@@ -274,11 +330,12 @@ class FusedOptimizer:
             raise FusedStepError(f"checkpoint optimizer states do not match the model's parameters "
                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
         for name, opt, param in zip(self.names, self.optimizers, self.params):
-            saved = state["optimizers"][name]
+            saved, bulk = _split_bulk_states(state["optimizers"][name])
             try:
                 opt.load_state_dict(saved, move_to_device=False)  # bitsandbytes: placement is ours
             except TypeError:
                 opt.load_state_dict(saved)
+            _restore_bulk_states(opt, saved, bulk)
             self._place_states(opt, param)
         self.lead.load_state_dict(state["lead"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -299,7 +356,7 @@ class FusedOptimizer:
                            and value.numel() >= self.host_states.min_numel)
                 if getattr(opt, "is_paged", False) and key in ("state1", "state2"):
                     # Back into CUDA managed memory (bitsandbytes' own buffer), not into torch's pool.
-                    paged = opt.get_state_buffer(param, dtype=value.dtype)
+                    paged = _unfilled_state_buffer(opt, param, value.dtype)
                     paged.copy_(value.reshape(paged.shape))
                     state[key] = paged
                 elif on_host:

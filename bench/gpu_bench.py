@@ -1003,7 +1003,7 @@ def cmd_restart(args) -> int:
     output (the restarted pod): it resumes from that checkpoint. Timed: A's SIGTERM -> exit (the checkpoint
     write), B's spawn -> `resuming from` line -> first step. Caches are warm for B (A filled them)."""
     models, out, work, cache = Path(args.models), Path(args.out), Path(args.work), Path(args.cache)
-    for d in (out, work, cache):
+    for d in (out, work, cache) + ((models,) if args.build_models else ()):
         d.mkdir(parents=True, exist_ok=True)
     rows = parse_plan_rows(args.rows)
     nvml = NvmlPeak()
@@ -1013,6 +1013,14 @@ def cmd_restart(args) -> int:
         name = row["row"]
         left = deadline - time.time()
         model_dir, data = models / row["shape"], data_path(models, row["seq"])
+        if args.build_models and left >= args.min_row_seconds:
+            # One model and one checkpoint on the disk at a time (the H200's 8B model 16 GB + checkpoint 30 GB, of
+            # ~49 GiB free): each row's shape is built just before it, and removed after its last row.
+            if not data.is_file():
+                build_data(data, row["seq"])
+            if not (model_dir / "config.json").is_file():
+                build_model(row["shape"], model_dir)
+            left = deadline - time.time()
         if left < args.min_row_seconds or not (model_dir / "config.json").is_file() or not data.is_file():
             log(f"{name}: skipped ({left:.0f}s left)")
             results.append({**row, "skipped": f"{left:.0f}s of the budget left"})
@@ -1063,6 +1071,8 @@ def cmd_restart(args) -> int:
         (out / "restart-table.json").write_text(json.dumps({"rows": results, "meta": {
             "command": sys.argv, "versions": versions()}}, indent=2, default=str))
         shutil.rmtree(output, ignore_errors=True)  # 30 GB a checkpoint: the disk holds one at a time
+        if args.build_models and all(later["shape"] != row["shape"] for later in rows[index + 1:]):
+            shutil.rmtree(model_dir, ignore_errors=True)
     nvml.stop()
     lines = ["| row | interrupted at step | SIGTERM -> exit s (interrupt checkpoint) | checkpoint GiB | exit | "
              "restart: spawn -> resuming s (step) | spawn -> first step s (step) | exit |", "|---|---|---|---|---|---|---|---|"]
@@ -1115,6 +1125,9 @@ def main(argv=None) -> int:
                          "plan rows, e.g. 8b:2048:48:lean", row_timeout=240, min_row_seconds=120)
     p.add_argument("--interrupt-at", type=int, default=2, help="SIGTERM after this step's line")
     p.add_argument("--after", type=int, default=3, help="maxSteps is --interrupt-at + this")
+    p.add_argument("--build-models", action="store_true",
+                   help="build each row's shape and data into --models just before the row, remove the shape "
+                        "after its last row (rows of several 7-8B shapes on a small disk)")
     p.set_defaults(func=cmd_restart)
     for name, func in (("table", cmd_table), ("issue7", cmd_issue7)):
         p = sub.add_parser(name)

@@ -3,7 +3,7 @@
 #   bash bench/h200.sh issue7 ROWS   # models (8b, 1b), the issue-7 trainer check on 1b, then table ROWS on 8b
 #   bash bench/h200.sh table ROWS    # models (8b), then table ROWS on 8b
 #   bash bench/h200.sh plan ROWS     # the shapes and data ROWS name (smallest first), then plan-table ROWS
-#   bash bench/h200.sh restart ROWS  # the same, then restart ROWS (SIGTERM, interrupt checkpoint, resume)
+#   bash bench/h200.sh restart ROWS  # per row: its model, then SIGTERM, interrupt checkpoint, resume; model removed
 # ROWS for issue7/table: rows of bench/gpu_bench.py (e.g. unsloth-1x4,unsloth-8x1,hf-1x4,lean,lean-24g,fast);
 # for plan: SHAPE:SEQ:BUDGET[:PROFILE],... (e.g. 8b:16384:24,qwen7b:8192:48,qwen1.5b:2048:80).
 # Everything must end inside the device tool's 10 minutes: BUDGET (seconds, default 570) bounds the whole script
@@ -59,10 +59,12 @@ echo "setup: ${SECONDS}s"
 
 models=/tmp/models
 if [ "$phase" = restart ]; then
-  python3 bench/gpu_bench.py models --out $models --rows "$rows" 2>&1 | tee $res/models.log | grep bench
+  # Each row's model is built just before it and removed after it (--build-models): 8b and qwen7b rows in one
+  # call would not fit the disk beside a 30 GB checkpoint otherwise.
   left=$((budget - SECONDS))
-  python3 bench/gpu_bench.py restart --models $models --rows "$rows" --out $res --cache /tmp/cache-restart \
-    --work /tmp/bench-work --budget $((left - 10)) ${RESTART_ARGS:-} 2>&1 | tee $res/restart-table.out
+  python3 bench/gpu_bench.py restart --models $models --build-models --rows "$rows" --out $res \
+    --cache /tmp/cache-restart --work /tmp/bench-work --budget $((left - 10)) ${RESTART_ARGS:-} 2>&1 \
+    | tee $res/restart-table.out
   exit 0
 fi
 if [ "$phase" = plan ]; then

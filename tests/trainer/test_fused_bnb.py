@@ -113,3 +113,33 @@ def test_large_8bit_states_skip_bitsandbytes_deep_copy(monkeypatch):
     fused_for(fresh, "bnb8bit").load_state_dict(saved)
     assert copied, "bitsandbytes' load_state_dict was not called"
     assert max(copied) < HOST_STATE_MIN_NUMEL
+
+
+def test_bf16_parameters_keep_bitsandbytes_float32_quantisation_states(monkeypatch):
+    """bnb never casts its absmax / qmap to the parameter's dtype (non_castable_tensor_keys); neither may the
+    direct path. The threshold is lowered so the absmax tensors of this small model take that path."""
+    from kubesloth.trainer.engines import fused_optim
+
+    monkeypatch.setattr(fused_optim, "HOST_STATE_MIN_NUMEL", 256)
+    data = batches(4)
+    whole = small_llama().to(torch.bfloat16)
+    train_steps(whole, fused_for(whole, "bnb8bit"), iter(data), max_steps=4)
+
+    first = small_llama().to(torch.bfloat16)
+    fused = fused_for(first, "bnb8bit")
+    train_steps(first, fused, iter(data[:2]), max_steps=2)
+    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(fused.state_dict())
+    assert any(path.endswith("absmax1") and v.numel() >= 256 for path, v in tensors(saved_opt["optimizers"]))
+
+    resumed = small_llama(seed=9).to(torch.bfloat16)
+    resumed.load_state_dict(saved_model)
+    fused2 = fused_for(resumed, "bnb8bit")
+    fused2.load_state_dict(saved_opt)
+    for opt in fused2.optimizers:
+        for state in opt.state.values():
+            for key in ("absmax1", "absmax2", "qmap1", "qmap2"):
+                if key in state:
+                    assert state[key].dtype == torch.float32, key
+    train_steps(resumed, fused2, iter(data[2:]), max_steps=4)
+    for (name, a), b in zip(resumed.named_parameters(), whole.parameters()):
+        assert torch.equal(a, b), name

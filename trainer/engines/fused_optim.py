@@ -161,14 +161,16 @@ def _split_bulk_states(saved: dict) -> tuple[dict, dict[int, dict[str, torch.Ten
 def _restore_bulk_states(opt: torch.optim.Optimizer, saved: dict,
                          bulk: dict[int, dict[str, torch.Tensor]]) -> None:
     """Puts the tensors `_split_bulk_states` held back into `opt.state`, cast as torch and bitsandbytes cast them
-    (a floating-point state takes its parameter's dtype; 8-bit states stay uint8). On the CPU they are copied, as
+    (a floating-point state takes its parameter's dtype, except what bitsandbytes never casts: its 8-bit states and
+    their float32 absmax and quantisation maps, `non_castable_tensor_keys`). On the CPU they are copied, as
     the libraries would have (a state must not share memory with the dict it was loaded from); on a GPU
     `_place_states` copies each to its place."""
     saved_ids = [pid for group in saved["param_groups"] for pid in group["params"]]
     params = [p for group in opt.param_groups for p in group["params"]]
+    uncast = getattr(opt, "non_castable_tensor_keys", ())
     for pid, param in zip(saved_ids, params):
         for key, value in bulk.get(pid, {}).items():
-            if value.is_floating_point() and param.is_floating_point():
+            if value.is_floating_point() and param.is_floating_point() and key not in uncast:
                 value = value.to(param.dtype)
             if param.device.type == "cpu":
                 value = value.clone()

@@ -863,6 +863,38 @@ class CostStatus(_Model):
     tokens_per_dollar: Annotated[Optional[float], Field(description="Trained tokens per dollar.")] = None
 
 
+class PodAttempt(_Model):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[Optional[str], Field(description="The trainer pod.")] = None
+    uid: Annotated[Optional[str], Field(description="Its metadata.uid.")] = None
+    created: Annotated[Optional[str], Field(description="Its metadata.creationTimestamp.")] = None
+    ran: Annotated[Optional[bool], Field(description="Its trainer was seen running.")] = None
+    ended: Annotated[Optional[Literal["Interruption", "Failure", "NotCounted"]], Field(
+        description="How its attempt was counted, decided once its ending was final (the pod terminal, or "
+                    "stopped and being deleted, or gone); unset while it runs. NotCounted: it succeeded, never "
+                    "ran, or was stopped by the operator's own action (suspend, the run failed or finished, the "
+                    "Job stopped or past its deadline).")] = None
+    reason: Annotated[Optional[str], Field(
+        description="The attempt's reason (Interrupted, Evicted, Preempted, PodDeleted, OutOfMemory, ...; "
+                    "Stopped, Succeeded, NeverRan when NotCounted).")] = None
+
+
+class AttemptRecord(_Model):
+    model_config = ConfigDict(extra="allow")
+    job_uid: Annotated[Optional[str], Field(
+        description="The Job whose pods these are (earlier Jobs' attempts are in its kubesloth.io/prior-* "
+                    "annotations).")] = None
+    before: Annotated[Optional[str], Field(
+        description="The Job's pods created before this time (RFC 3339) are counted in earlierInterruptions "
+                    "and earlierFailures and no longer listed.")] = None
+    earlier_interruptions: Annotated[Optional[int], Field(
+        description="Interruptions of the Job's pods created before `before`.", ge=0)] = None
+    earlier_failures: Annotated[Optional[int], Field(
+        description="Failures of the Job's pods created before `before`.", ge=0)] = None
+    pods: Annotated[Optional[list[PodAttempt]], Field(
+        description="The Job's pods from `before` on, each with how its attempt was counted.")] = None
+
+
 class FineTuneJobStatus(_Model):
     model_config = ConfigDict(extra="allow")
     phase: Annotated[Optional[Phase], Field(description="Pending, Queued, Running, Succeeded, Failed or "
@@ -887,6 +919,10 @@ class FineTuneJobStatus(_Model):
     checkpoint: Annotated[Optional[CheckpointStatus], Field(description="Newest complete checkpoint.")] = None
     output: Annotated[Optional[OutputStatus], Field(description="The saved model.")] = None
     cost: Annotated[Optional[CostStatus], Field(description="GPU cost of the run.")] = None
+    attempts: Annotated[Optional[AttemptRecord], Field(
+        description="The operator's record of the current Job's trainer pods: each attempt counted once, when "
+                    "its ending is final, so interruptions and failures stand when their pods are gone (deleted "
+                    "by hand, garbage-collected).")] = None
 
 
 class FineTuneJob(_Model):

@@ -558,7 +558,7 @@ def plan(inputs: Inputs) -> Plan:
         # The Job's activeDeadlineSeconds is what was left of the run's: DeadlineExceeded names the run's.
         status_job = copy.deepcopy(job)
         status_job["spec"]["activeDeadlineSeconds"] = status_spec["activeDeadlineSeconds"]
-    new_status = status_mod.derive_status(live, status_job, pods, now, changed)
+    new_status = status_mod.derive_status(live, status_job, pods, now, changed, seen_pods=all_pods)
     if stopped:  # not counted, but what they said of their checkpoint stands
         checkpoint, output, _ = status_mod.checkpoint_and_output(status_spec, old, all_pods)
         new_status.update({k: v for k, v in (("checkpoint", checkpoint), ("output", output)) if v})

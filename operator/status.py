@@ -2,7 +2,8 @@
 
 Pure functions of (FineTuneJob, Job, Pods, now): no API calls, no memory of earlier events. The only thing taken
 from the previous status is what cannot be re-observed (a condition's lastTransitionTime when its status did not
-change, the first start time, and a finished phase once the Job is gone). Unit-tested with hand-written dicts.
+change, the first start time, a finished phase once the Job is gone, and the record of attempts whose pods may be
+gone: status.attempts, see record_attempts). Unit-tested with hand-written dicts.
 """
 
 from __future__ import annotations
@@ -197,12 +198,153 @@ def _annotation_int(job: dict[str, Any] | None, key: str) -> int:
         return 0
 
 
-def count_attempts(job: dict[str, Any] | None, attempts: list[Attempt]) -> Counts:
-    return Counts(
-        interruptions=_annotation_int(job, ANNOTATION_PRIOR_INTERRUPTIONS)
-        + sum(a.kind == INTERRUPTION for a in attempts),
-        failures=_annotation_int(job, ANNOTATION_PRIOR_FAILURES) + sum(a.kind != INTERRUPTION for a in attempts),
-        fatal=sum(a.kind == FATAL for a in attempts))
+# --- the record of attempts (status.attempts) -------------------------------------------------------------------
+# A pod's attempt is counted once, when its ending is final, and the decision is kept in status: the pod may be gone
+# at the next reconcile (the kubelet removes a deleted pod once its trainer exits; pod GC; `kubectl delete pod` of an
+# ended one), and what it said is then gone with it. The decision is made in the context of that moment: a pod the
+# operator's own action stopped (`stopped_by_operator`) is not an attempt of the run.
+COUNTED_INTERRUPTION, COUNTED_FAILURE, NOT_COUNTED = "Interruption", "Failure", "NotCounted"
+ENDED_VALUES = (COUNTED_INTERRUPTION, COUNTED_FAILURE, NOT_COUNTED)
+
+
+def _deleting(obj: dict[str, Any] | None) -> bool:
+    return bool(((obj or {}).get("metadata") or {}).get("deletionTimestamp"))
+
+
+def pod_ending_final(pod: dict[str, Any]) -> bool:
+    """The pod's ending can no longer change: a terminal phase, or its trainer exited on a pod being deleted (the pod
+    object goes next; on v1.20 its phase may never turn terminal). A container that terminated on a pod whose phase
+    is still Running is not final yet (the kubelet may still say Evicted, Preempted, ...)."""
+    if (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
+        return True
+    return _deleting(pod) and bool((_container_status(pod).get("state") or {}).get("terminated"))
+
+
+def _ran(pod: dict[str, Any]) -> bool:
+    state = _container_status(pod).get("state") or {}
+    return (pod.get("status") or {}).get("phase") == "Running" or "running" in state or bool(
+        (state.get("terminated") or {}).get("startedAt"))
+
+
+def stopped_by_operator(ftj: dict[str, Any], job: dict[str, Any] | None) -> str | None:
+    """Why a pod deleted now was stopped by the operator's own action (or Kubernetes acting on the operator's
+    settings), not interrupted: None when nothing of the run is stopping it."""
+    spec, old = ftj.get("spec") or {}, ftj.get("status") or {}
+    if old.get("phase") in FINISHED_PHASES:
+        return f"the run had {old['phase'].lower()}"
+    if spec.get("suspend"):
+        return "spec.suspend"
+    if job is None or _deleting(job):
+        return "the Job is deleted"
+    if (job.get("spec") or {}).get("suspend"):
+        return "the Job is suspended"
+    if (job.get("spec") or {}).get("parallelism") == 0:
+        return "the Job is stopped"
+    done = job_condition(job, "Failed") or job_condition(job, "Complete")
+    if done:
+        return f"the Job is {done.get('type', '').lower()} ({done.get('reason') or done.get('type')})"
+    return None
+
+
+def _entry_of(raw: Any) -> dict[str, Any] | None:
+    if not isinstance(raw, dict) or not isinstance(raw.get("uid") or raw.get("name"), str):
+        return None
+    entry = {k: raw[k] for k in ("name", "uid", "created", "reason") if isinstance(raw.get(k), str)}
+    if raw.get("ran") is True:
+        entry["ran"] = True
+    if raw.get("ended") in ENDED_VALUES:
+        entry["ended"] = raw["ended"]
+    return entry
+
+
+def record_attempts(record: Any, job: dict[str, Any] | None, pods: list[dict[str, Any]], stopping: str | None
+                    ) -> tuple[dict[str, Any] | None, Counts]:
+    """The record (status.attempts) after seeing the Job's `pods` as they are now, and this Job's counts from it.
+
+    Pure. `record`: the previous status.attempts (another Job's, or unreadable: a new record); `stopping`: what of
+    the run stops its pods now (stopped_by_operator), None when nothing does. Each pod of the Job gets an entry;
+    the entry's `ended` is decided once, when the pod's ending is final (pod_ending_final), or when the pod is gone
+    before that was seen: a pod seen running and gone while nothing of the run stopped it was deleted (by hand, by
+    a controller) and the Job replaces it: an interruption (PodDeleted). A pod the operator stopped (deleted while
+    `stopping`) is NotCounted. An ending seen but not final yet counts (provisionally) without being recorded.
+    Bounded: decided entries older than every undecided one are folded into `earlierInterruptions`/
+    `earlierFailures` up to the time `before`, and pods created before it are not looked at again."""
+    uid = ((job or {}).get("metadata") or {}).get("uid")
+    if uid is None:
+        return None, Counts()
+    old = record if isinstance(record, dict) and record.get("jobUid") == uid else {}
+    before = old.get("before") if isinstance(old.get("before"), str) else ""
+    earlier_i = _count(old.get("earlierInterruptions")) or 0
+    earlier_f = _count(old.get("earlierFailures")) or 0
+    entries: dict[str, dict[str, Any]] = {}
+    for raw in old.get("pods") if isinstance(old.get("pods"), list) else []:
+        entry = _entry_of(raw)
+        if entry is not None:
+            entries[entry.get("uid") or entry["name"]] = entry
+    provisional: list[Attempt] = []
+    present: set[str] = set()
+    for pod in sorted(pods, key=_created):
+        meta = pod.get("metadata") or {}
+        created = _created(pod)
+        if before and created < before:
+            continue  # counted in earlier*, or created before the record began
+        key = meta.get("uid") or meta.get("name") or ""
+        present.add(key)
+        entry = entries.setdefault(key, {k: v for k, v in (("name", meta.get("name")), ("uid", meta.get("uid")),
+                                                          ("created", created)) if v})
+        if "ended" in entry:
+            continue  # decided before: a transient view now changes nothing
+        if _ran(pod):
+            entry["ran"] = True
+        attempt = classify_pod(pod)
+        if pod_ending_final(pod):
+            if _deleting(pod) and stopping:
+                entry.update(ended=NOT_COUNTED, reason="Stopped")
+            elif attempt is None:
+                entry.update(ended=NOT_COUNTED, reason="Succeeded")
+            else:
+                entry.update(ended=COUNTED_INTERRUPTION if attempt.kind == INTERRUPTION else COUNTED_FAILURE,
+                             reason=attempt.reason)
+        elif attempt is not None and not _deleting(pod):
+            provisional.append(attempt)
+    for key, entry in entries.items():
+        if key in present or "ended" in entry:
+            continue
+        # Gone before its ending was seen.
+        if stopping:
+            entry.update(ended=NOT_COUNTED, reason="Stopped")
+        elif entry.get("ran"):
+            entry.update(ended=COUNTED_INTERRUPTION, reason="PodDeleted")
+        else:
+            entry.update(ended=NOT_COUNTED, reason="NeverRan")
+    # Fold: every entry created before the oldest undecided one (or, all decided, before the newest) is decided.
+    ordered = sorted(entries.values(), key=lambda e: e.get("created") or "")
+    undecided = [e.get("created") or "" for e in ordered if "ended" not in e]
+    cut = min(undecided) if undecided else (ordered[-1].get("created") or "" if ordered else before)
+    kept = []
+    for entry in ordered:
+        if (entry.get("created") or "") < cut:
+            earlier_i += entry["ended"] == COUNTED_INTERRUPTION
+            earlier_f += entry["ended"] == COUNTED_FAILURE
+        else:
+            kept.append(entry)
+    before = max(before, cut)
+    listed = [e.get("ended") for e in kept]
+    counts = Counts(interruptions=earlier_i + listed.count(COUNTED_INTERRUPTION)
+                    + sum(a.kind == INTERRUPTION for a in provisional),
+                    failures=earlier_f + listed.count(COUNTED_FAILURE)
+                    + sum(a.kind != INTERRUPTION for a in provisional),
+                    fatal=sum(a.kind == FATAL for a in provisional))
+    new = {"jobUid": uid, "earlierInterruptions": earlier_i, "earlierFailures": earlier_f, "pods": kept}
+    if before:
+        new["before"] = before
+    return new, counts
+
+
+def with_prior(job: dict[str, Any] | None, counts: Counts) -> Counts:
+    """This Job's counts plus what earlier Jobs of the run counted (the Job's prior-* annotations)."""
+    return Counts(_annotation_int(job, ANNOTATION_PRIOR_INTERRUPTIONS) + counts.interruptions,
+                  _annotation_int(job, ANNOTATION_PRIOR_FAILURES) + counts.failures, counts.fatal)
 
 
 def limits(spec: dict[str, Any]) -> tuple[int, int]:
@@ -448,20 +590,27 @@ def spec_changes(started_spec: dict[str, Any] | None, live_spec: dict[str, Any])
 
 
 def derive_status(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], now: datetime,
-                  changed_fields: list[str] | None = None) -> dict[str, Any]:
+                  changed_fields: list[str] | None = None, seen_pods: list[dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
     """The FineTuneJob's status (wire form) from its Job and Pods as they are.
 
     `pods`: the trainer pods of the current Job (any order); `changed_fields`: spec fields changed after the
-    run started (from `spec_changes`), reported as the SpecLocked condition.
+    run started (from `spec_changes`), reported as the SpecLocked condition; `seen_pods`: every pod of the Job for
+    the record of attempts (status.attempts) when `pods` leaves some out of the phase (those a suspend stopped);
+    default `pods`.
     """
     old = ftj.get("status") or {}
     pods = sorted(pods, key=_created)
+    record = old.get("attempts")
     if job is None or job["metadata"].get("deletionTimestamp"):
         # No Job, or one being deleted (suspend, a stop, a recreate): what was counted stands; pods stopped by the
         # deletion are not interruptions.
         counts = Counts(int(old.get("interruptions") or 0), int(old.get("failures") or 0))
     else:
-        counts = count_attempts(job, [a for a in map(classify_pod, pods) if a])
+        # Counted once each, when final, and kept: the pods that said it may be gone (record_attempts).
+        record, mine = record_attempts(record, job, pods if seen_pods is None else seen_pods,
+                                       stopped_by_operator(ftj, job))
+        counts = with_prior(job, mine)
     phase, reason, message = _phase(ftj, job, pods, counts)
     finished = phase in FINISHED_PHASES
 
@@ -495,6 +644,7 @@ def derive_status(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[di
     status["interruptions"] = counts.interruptions
     status["failures"] = counts.failures
     status["restarts"] = counts.interruptions + counts.failures
+    status["attempts"] = record if isinstance(record, dict) else None
     status["podName"] = pods[-1]["metadata"]["name"] if pods else (old.get("podName") if finished else None)
 
     start = old.get("startTime")

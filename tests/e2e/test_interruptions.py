@@ -9,7 +9,8 @@ subprocess), the node agent running the real trainer (`python -m kubesloth.train
 - A FineTuneJob recreated with the same output: refused (OutputInUse naming the fields) for a finished run, another
   learning rate, another model; `spec.output.onExisting: resume|restart` continue or start over.
 - The pod deleted while a checkpoint is written, a free GPU for the replacement: never two writers (the lock),
-  every COMPLETE checkpoint loads.
+  every COMPLETE checkpoint loads. A running pod deleted (`kubectl delete pod`) and gone: its attempt stays counted
+  as an interruption (status.attempts), the run Succeeded with 1 interruption and 0 failures.
 - Eviction and preemption written into the pod's status as a kubelet (and scheduler) write them: their own reasons,
   interruptions, not failures.
 
@@ -432,7 +433,7 @@ def test_pod_deleted_while_a_checkpoint_is_written_never_two_writers(stack, k8s)
 
     status = wait_for(f"{name} Succeeded", phase_in(k8s, name, "Succeeded", "Failed"), timeout=240)
     assert status["phase"] == "Succeeded", status
-    assert status["failures"] == 0
+    assert (status["interruptions"], status["failures"]) == (1, 0), status  # the deleted pod's attempt, gone or not
     old_log = stack.pod_log(old)
     assert "checkpoint step 6 ->" in old_log  # the write in progress was finished, not cut
     interrupted = int(INTERRUPTED_AT.search(old_log)[1])
@@ -451,6 +452,37 @@ def test_pod_deleted_while_a_checkpoint_is_written_never_two_writers(stack, k8s)
         else:
             assert min(times) >= taken, (step, min(times), taken)
     assert sorted(assert_every_complete_checkpoint_loads(output)) == sorted(checkpoints)
+
+
+def test_a_deleted_running_pod_stays_counted_as_an_interruption_once_it_is_gone(stack, k8s):
+    # `kubectl delete pod` of a running trainer: it checkpoints on SIGTERM and exits 6, the node agent (as a
+    # kubelet) removes the pod object, the Job's replacement resumes. The pod that said "interrupted" is gone:
+    # status.attempts keeps its attempt.
+    stack.set_namespace_env(k8s.namespace, PACED)
+    name = "deletedpod"
+    k8s.apply(finetunejob(name, training={"maxSteps": 30}, output={"checkpointEverySteps": 5}))  # backoffLimit 0
+    first = wait_new_running_pod(stack, k8s, name, set())
+    wait_trained_past(stack, first, 3)
+    running = wait_for("Running in the first pod", running_in(k8s, name, first), timeout=60)
+    assert (running["interruptions"], running["failures"]) == (0, 0), running
+    k8s.kubectl("delete", "pod", first["metadata"]["name"], "-n", k8s.namespace, "--wait=true", "--timeout=120s")
+    assert k8s.get("pod", first["metadata"]["name"]) is None, "the deleted pod object is still there"
+
+    second = wait_new_running_pod(stack, k8s, name, {first["metadata"]["name"]})
+    running = wait_for("Running in the replacement", running_in(k8s, name, second), timeout=90)
+    assert (running["interruptions"], running["failures"]) == (1, 0), running
+    counted = {p["name"]: p for p in running["attempts"]["pods"]}
+    ended = counted.get(first["metadata"]["name"]) or {}
+    assert running["attempts"]["earlierInterruptions"] == 1 or ended.get("ended") == "Interruption", running
+    log = wait_for("the replacement's first step", lambda: steps(stack.pod_log(second)) and stack.pod_log(second),
+                   timeout=180)
+    assert resumed_step(log), "the replacement did not resume from the deleted trainer's checkpoint"
+
+    status = wait_for(f"{name} Succeeded", phase_in(k8s, name, "Succeeded", "Failed"), timeout=240)
+    assert status["phase"] == "Succeeded", status
+    assert (status["interruptions"], status["failures"], status["restarts"]) == (1, 0, 1), status
+    assert [p["metadata"]["name"] for p in trainer_pods(k8s, name)] == [second["metadata"]["name"]]
+    assert_every_complete_checkpoint_loads(output_dir(stack, name))
 
 
 # --- 5. eviction and preemption as a kubelet writes them ---------------------------------------------------------

@@ -655,3 +655,185 @@ def test_the_job_created_in_the_planning_pass_gets_what_the_plan_knows():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["KUBESLOTH_GPU_BUDGET_BYTES"] == str(48 * 2**30)
     assert container["resources"]["requests"]["ephemeral-storage"] == "17Gi"
+
+
+# --- attempts counted once, when final, across reconciles (status.attempts) ---------------------------------------
+# Each scenario is a sequence of observations; each reconcile's status patches are applied to the FineTuneJob the
+# next one reads (as the executor does): the counts must stand when the pods that said them are gone, and a pod the
+# operator's own action stopped is never counted.
+def t(minute: int) -> str:
+    return f"2026-12-01T11:{minute:02d}:00Z"
+
+
+def gone_later(name: str, minute: int, **kw: Any) -> dict:
+    return running(name, created=t(minute), **kw)
+
+
+def exited(name: str, minute: int, code: int, deleting: bool = False, **kw: Any) -> dict:
+    return ended(name, code, created=t(minute), deleting=deleting, **kw)
+
+
+def apply_patches(ftj: dict, plan: plan_mod.Plan) -> dict:
+    status = dict(ftj.get("status") or {})
+    for key, value in status_patch(plan).items():  # a merge patch: null removes the field
+        if value is None:
+            status.pop(key, None)
+        else:
+            status[key] = value
+    return {**ftj, "status": status}
+
+
+@dataclass
+class Step:
+    pods: list[dict]
+    job: Callable[[dict, ServerFeatures], Optional[dict]] = lambda ftj, f: make_job(ftj, f)
+    spec: dict = field(default_factory=dict)  # spec changes from this step on
+    phase: Optional[str] = None
+    counts: tuple[int, int] = (0, 0)  # (interruptions, failures) after it
+    actions: Optional[list[str]] = None
+
+
+@dataclass
+class Sequence:
+    name: str
+    features: list[ServerFeatures]
+    steps: list[Step]
+    spec: dict = field(default_factory=dict)
+
+
+def stopped_job(ftj, f):
+    return make_job(ftj, f, parallelism=0)
+
+
+def deadline_job(ftj, f):
+    return make_job(ftj, f, conditions=[job_condition("Failed", "DeadlineExceeded")])
+
+
+def complete_job(ftj, f):
+    return make_job(ftj, f, conditions=[job_condition("Complete", "Completed")])
+
+
+def succeeded_pod(name: str, minute: int) -> dict:
+    return make_pod(name, "Succeeded", {"terminated": {"exitCode": 0, "reason": "Completed",
+                                                       "startedAt": t(minute)}}, created=t(minute))
+
+
+def transient_then_evicted(final: bool) -> dict:
+    """Container killed (exit 137, reason Error): on its own a TrainerError; the kubelet says Evicted with the
+    terminal phase."""
+    pod = make_pod("run-trainer-a", "Failed" if final else "Running",
+                   {"terminated": {"exitCode": 137, "reason": "Error", "startedAt": t(1)}}, created=t(1))
+    if final:
+        pod["status"].update(reason="Evicted", message="The node was low on resource: memory.")
+    return pod
+
+
+SEQUENCES = [
+    Sequence("kubectl delete pod: the trainer checkpoints (exit 6), the pod goes, the Job's replacement runs", ALL, [
+        Step([gone_later("run-trainer-a", 1)], phase="Running"),
+        Step([gone_later("run-trainer-a", 1, deleting=True)], phase="Running"),
+        Step([exited("run-trainer-a", 1, int(ExitCode.INTERRUPTED), deleting=True),
+              make_pod("run-trainer-b", "Pending", created=t(9))], phase="Pending", counts=(1, 0)),
+        Step([gone_later("run-trainer-b", 9)], phase="Running", counts=(1, 0)),
+        Step([succeeded_pod("run-trainer-b", 9)], job=complete_job, phase="Succeeded", counts=(1, 0)),
+    ]),
+    Sequence("a running pod deleted and gone before its end was seen: an interruption (PodDeleted)", ALL, [
+        Step([gone_later("run-trainer-a", 1)], phase="Running"),
+        Step([gone_later("run-trainer-b", 9)], phase="Running", counts=(1, 0)),
+        Step([succeeded_pod("run-trainer-b", 9)], job=complete_job, phase="Succeeded", counts=(1, 0)),
+        Step([], job=complete_job, phase="Succeeded", counts=(1, 0)),  # the Job's TTL, or pods deleted by hand
+    ]),
+    Sequence("refused OutputInUse: the retry the operator stopped (SIGTERM at start-up) is not counted", [V1_20], [
+        Step([exited("run-trainer-a", 1, int(ExitCode.OUTPUT_IN_USE)), gone_later("run-trainer-b", 2)],
+             phase="Failed", counts=(0, 1), actions=["stopped Job (failed)", "event Warning Failed"]),
+        Step([exited("run-trainer-a", 1, int(ExitCode.OUTPUT_IN_USE)), gone_later("run-trainer-b", 2, deleting=True)],
+             job=stopped_job, phase="Failed", counts=(0, 1), actions=[]),
+        Step([exited("run-trainer-a", 1, int(ExitCode.OUTPUT_IN_USE)),
+              exited("run-trainer-b", 2, int(ExitCode.INTERRUPTED), deleting=True)],
+             job=stopped_job, phase="Failed", counts=(0, 1), actions=[]),
+        Step([exited("run-trainer-a", 1, int(ExitCode.OUTPUT_IN_USE))], job=stopped_job, phase="Failed",
+             counts=(0, 1), actions=[]),
+        Step([], job=stopped_job, phase="Failed", counts=(0, 1), actions=[]),
+    ]),
+    Sequence("refused OutputInUse: the stopped retry gone before its end was seen is not counted", [V1_20], [
+        Step([exited("run-trainer-a", 1, int(ExitCode.OUTPUT_IN_USE)), gone_later("run-trainer-b", 2)],
+             phase="Failed", counts=(0, 1)),
+        Step([exited("run-trainer-a", 1, int(ExitCode.OUTPUT_IN_USE))], job=stopped_job, phase="Failed",
+             counts=(0, 1), actions=[]),
+    ]),
+    Sequence("a transient classification is not recorded: the kubelet's final word (Evicted) counts", ALL, [
+        Step([gone_later("run-trainer-a", 1)], phase="Running"),
+        Step([transient_then_evicted(final=False)], phase="Pending", counts=(0, 1)),  # provisional
+        Step([transient_then_evicted(final=True)], phase="Pending", counts=(1, 0)),
+        Step([gone_later("run-trainer-b", 9)], phase="Running", counts=(1, 0)),
+    ]),
+    Sequence("the Job's deadline stops the trainer: not an interruption", ALL, [
+        Step([gone_later("run-trainer-a", 1)], phase="Running"),
+        Step([exited("run-trainer-a", 1, int(ExitCode.INTERRUPTED), deleting=True)], job=deadline_job,
+             phase="Failed", counts=(0, 0)),
+        Step([], job=deadline_job, phase="Failed", counts=(0, 0)),
+    ], spec={"activeDeadlineSeconds": 3600}),
+    Sequence("a pod evicted, then deleted by hand once failed: still one interruption", ALL, [
+        Step([gone_later("run-trainer-a", 1)], phase="Running"),
+        Step([transient_then_evicted(final=True), gone_later("run-trainer-b", 9)], phase="Running", counts=(1, 0)),
+        Step([gone_later("run-trainer-b", 9)], phase="Running", counts=(1, 0)),
+    ]),
+    Sequence("a failure whose pod is gone still counts against backoffLimit", ALL, [
+        Step([exited("run-trainer-a", 1, 1)], phase="Pending", counts=(0, 1)),
+        Step([exited("run-trainer-b", 9, 1)], phase="Failed", counts=(0, 2)),  # backoffLimit 1: the second fails it
+    ]),
+]
+
+
+@pytest.mark.parametrize("sequence, features", [
+    pytest.param(s, f, id=f"{s.name} [{f.version}]") for s in SEQUENCES for f in s.features])
+def test_attempts_are_counted_once_when_final(sequence: Sequence, features: ServerFeatures):
+    ftj = make_ftj(started(), **sequence.spec)
+    for number, step in enumerate(sequence.steps, 1):
+        ftj = {**ftj, "spec": {**ftj["spec"], **step.spec}}
+        given = {"ftj": ftj, "job": step.job(ftj, features), "configmap": make_configmap(ftj), "pods": step.pods}
+        before = copy.deepcopy(given)
+        plan = plan_mod.plan(plan_mod.Inputs(features=features, now=NOW, settings=SETTINGS, **given))
+        assert given == before, "the plan changed its inputs"
+        assert plan.phase == step.phase, (number, plan.status["message"])
+        assert (plan.status["interruptions"], plan.status["failures"]) == step.counts, (number, plan.status)
+        assert plan.status["restarts"] == sum(step.counts)
+        if step.actions is not None:
+            assert summary(plan) == step.actions, number
+        ftj = apply_patches(ftj, plan)
+        # The same observation again changes nothing (a reconcile is level-triggered and may run any time).
+        again = plan_mod.plan(plan_mod.Inputs(features=features, now=NOW, settings=SETTINGS,
+                                              **{**given, "ftj": ftj}))
+        assert (again.status["interruptions"], again.status["failures"]) == step.counts, (number, "again")
+        assert again.status["attempts"] == ftj["status"].get("attempts"), number
+
+
+def test_a_recreated_job_starts_a_new_record_and_the_counts_carry_over():
+    """v1.20 suspend/resume: the Job is deleted (counts frozen), recreated with what was counted as its prior-*
+    annotations; the old Job's record is dropped, not counted twice."""
+    ftj = make_ftj(started())
+    job = make_job(ftj, V1_20)
+
+    def step(ftj, job, pods):
+        plan = plan_mod.plan(plan_mod.Inputs(ftj=ftj, job=job, configmap=make_configmap(ftj), pods=pods,
+                                             features=V1_20, now=NOW, settings=SETTINGS))
+        return plan, apply_patches(ftj, plan)
+
+    plan, ftj = step(ftj, job, [gone_later("run-trainer-a", 1)])
+    plan, ftj = step(ftj, job, [gone_later("run-trainer-b", 9)])  # a deleted by hand
+    assert plan.status["interruptions"] == 1 and ftj["status"]["attempts"]["jobUid"] == "job-uid"
+    suspended = {**ftj, "spec": {**ftj["spec"], "suspend": True}}
+    plan, ftj = step(suspended, job, [gone_later("run-trainer-b", 9)])
+    assert summary(plan)[0] == "deleted Job (suspend)" and plan.status["interruptions"] == 1
+    plan, ftj = step(ftj, None, [])
+    resumed = {**ftj, "spec": {k: v for k, v in ftj["spec"].items() if k != "suspend"}}
+    plan, ftj = step(resumed, None, [])
+    new_job = created_job(plan)
+    assert new_job["metadata"]["annotations"][builders.ANNOTATION_PRIOR_INTERRUPTIONS] == "1"
+    assert plan.status["interruptions"] == 1 and "attempts" not in ftj["status"]
+    new_job = {**copy.deepcopy(new_job), "status": {"startTime": t(30)}}
+    new_job["metadata"].update(uid="job2-uid", creationTimestamp=t(30))
+    plan, ftj = step(ftj, new_job, [gone_later("run-trainer-c", 31, job_uid="job2-uid")])
+    assert plan.status["interruptions"] == 1 and ftj["status"]["attempts"]["jobUid"] == "job2-uid"
+    plan, ftj = step(ftj, new_job, [gone_later("run-trainer-d", 40, job_uid="job2-uid")])
+    assert (plan.status["interruptions"], plan.status["failures"]) == (2, 0)

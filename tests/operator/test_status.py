@@ -419,3 +419,91 @@ def test_the_running_message_keeps_the_last_interruptions_reason():
                            [evicted, preempted, running_pod("p2", created="2026-11-29T11:02:00Z")], NOW)
     assert (status["interruptions"], status["failures"]) == (2, 0)
     assert status["message"].endswith("the last: Preempted)")
+
+
+# --- the record of attempts (status.attempts) ---------------------------------------------------------------------
+def at(minute: int) -> str:
+    return (datetime(2026, 11, 29, 11, 0, tzinfo=timezone.utc) + timedelta(minutes=minute)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def with_uid(body: dict) -> dict:
+    body["metadata"]["uid"] = body["metadata"]["name"] + "-uid"
+    return body
+
+
+def test_the_record_stays_small_over_many_interruptions():
+    # 150 pods, each seen running, then deleted by hand and gone before its end was seen; the Job keeps replacing.
+    status: dict = {}
+    for i in range(150):
+        current = with_uid(running_pod(f"p{i}", created=at(i)))
+        status = derive_status(ftj(status, maxInterruptions=200), job(), [current], NOW)
+        assert (status["interruptions"], status["failures"]) == (i, 0), i
+        assert len(status["attempts"]["pods"]) <= 2, status["attempts"]
+    assert status["attempts"]["earlierInterruptions"] == 149 and [p["name"] for p in status["attempts"]["pods"]] == [
+        "p149"]
+    assert status["phase"] == "Running" and "attempt 150: 149 interruptions, 0 failures before" in status["message"]
+
+
+def test_an_ended_pod_kept_by_the_job_is_counted_once_across_reconciles():
+    # v1.20 Jobs keep their failed pods: seen again and again (the record folded past them), still counted once.
+    pods = [with_uid(sigterm(i)) for i in range(3)] + [with_uid(running_pod("p3", created="2026-11-29T11:03:00Z"))]
+    status: dict = {}
+    for _ in range(3):
+        status = derive_status(ftj(status, backoffLimit=1), job(failed=3, backoffLimit=101), pods, NOW)
+        assert (status["interruptions"], status["failures"]) == (3, 0)
+    assert status["attempts"]["before"] == "2026-11-29T11:03:00Z" and status["attempts"]["earlierInterruptions"] == 3
+    assert [p["name"] for p in status["attempts"]["pods"]] == ["p3"]
+
+
+def test_a_decided_attempt_is_not_decided_again():
+    # Deleted by hand, checkpointed, exit 6: an interruption. The run then fails for another reason and the operator
+    # stops the Job: the pod (still there, being deleted) would now read as stopped by the operator; it stays counted.
+    deleted = with_uid(ended_pod("p0", at(0), code=6, deleted=True, message="Interrupted: SIGTERM; resumable"))
+    first = derive_status(ftj(), job(), [deleted], NOW)
+    assert first["attempts"]["pods"][0]["ended"] == "Interruption" and first["interruptions"] == 1
+    oom = with_uid(ended_pod("p1", at(5), code=137, term_reason="OOMKilled"))
+    stopped = derive_status(ftj(first, backoffLimit=0), job(parallelism=0), [deleted, oom], NOW)
+    assert (stopped["interruptions"], stopped["failures"]) == (1, 1) and stopped["phase"] == "Failed"
+
+
+def test_a_record_of_another_job_or_unreadable_is_not_used():
+    current = with_uid(running_pod("p9", created=at(9)))
+    other = {"jobUid": "an-earlier-job", "earlierInterruptions": 7, "pods": [{"uid": "x", "ended": "Failure"}]}
+    status = derive_status(ftj({"attempts": other}), job(), [current], NOW)
+    assert (status["interruptions"], status["failures"]) == (0, 0) and status["attempts"]["jobUid"] == "job-uid"
+    for garbage in ("text", {"jobUid": "job-uid", "pods": "no", "earlierFailures": "2", "before": 5},
+                    {"jobUid": "job-uid", "pods": [None, {"ended": "Failure"}, {"uid": 3}]}):
+        status = derive_status(ftj({"attempts": garbage}), job(), [current], NOW)
+        assert (status["interruptions"], status["failures"]) == (0, 0), garbage
+        assert [p["name"] for p in status["attempts"]["pods"]] == ["p9"]
+
+
+def test_pods_that_never_ran_or_succeeded_are_not_counted_when_gone():
+    pending = with_uid(pod("p0", created=at(0)))
+    status = derive_status(ftj(), job(), [pending], NOW)
+    gone = derive_status(ftj(status), job(), [with_uid(running_pod("p1", created=at(1)))], NOW)
+    assert (gone["interruptions"], gone["failures"]) == (0, 0)  # deleted while Pending: no attempt
+    done = with_uid(pod("p1", "Succeeded", {"terminated": {"exitCode": 0, "reason": "Completed"}}, created=at(1)))
+    finished = derive_status(ftj(gone), job([job_cond("Complete")]), [done], NOW)
+    assert finished["phase"] == "Succeeded" and (finished["interruptions"], finished["failures"]) == (0, 0)
+    assert derive_status(ftj(finished), job([job_cond("Complete")]), [], NOW)["interruptions"] == 0
+
+
+@pytest.mark.parametrize("why, ftj_spec, ftj_status, job_spec, job_conditions", [
+    ("FineTuneJob suspended", {"suspend": True}, None, {}, None),
+    ("the Job suspended (Job.spec.suspend, Kueue)", {}, None, {"suspend": True}, None),
+    ("the Job stopped by the operator (parallelism 0)", {}, None, {"parallelism": 0}, None),
+    ("the Job's deadline", {}, None, {}, [job_cond("Failed", "DeadlineExceeded")]),
+    ("the run had failed", {}, {"phase": "Failed"}, {}, None),
+])
+def test_pods_the_operator_stopped_are_not_counted(why, ftj_spec, ftj_status, job_spec, job_conditions):
+    seen = derive_status(ftj(), job(), [with_uid(running_pod("p0", created=at(0)))], NOW)
+    stopped = with_uid(ended_pod("p0", at(0), code=6, deleted=True, message="Interrupted: SIGTERM; resumable"))
+    old = {**seen, **(ftj_status or {})}
+    for pods in ([stopped], []):  # ended while being deleted, then gone
+        status = derive_status(ftj(old, **ftj_spec), job(job_conditions, **job_spec), pods, NOW)
+        assert (status["interruptions"], status["failures"]) == (0, 0), (why, pods)
+        old = {**status, **(ftj_status or {})}
+    assert [(p["name"], p["ended"], p["reason"]) for p in status["attempts"]["pods"]] == [("p0", "NotCounted",
+                                                                                           "Stopped")]

@@ -780,6 +780,19 @@ def wait_for_drain(nvml: NvmlPeak, baseline, slack: int = 1 << 30, limit: float 
     return time.time() - t0
 
 
+def row_trainer_run(kind: str, index: int, row: dict, model_dir: Path, data: Path, work: Path,
+                    steps: int) -> tuple[str, Path, list[str]]:
+    """A plan row as the trainer runs it: (run id, its output folder, the trainer's argv over the written job)."""
+    run_id = f"{kind}-{index:02d}-{re.sub('[^A-Za-z0-9_.-]', '_', row['row'])}"
+    output = work / f"out-{run_id}"
+    job = trainer_job(model_dir, data, output, {"gpu_memory_gib": row["budget_gib"]}, steps,
+                      checkpoint_every=100000, name=f"bench-{kind}-{index:02d}", profile=row["profile"],
+                      seq=row["seq"])
+    config = work / f"job-{run_id}.yaml"
+    config.write_text(json.dumps(job))
+    return run_id, output, [sys.executable, "-m", "kubesloth.trainer", "--config", str(config)]
+
+
 def cmd_plan_table(args) -> int:
     models = Path(args.models)
     out = Path(args.out)
@@ -812,19 +825,13 @@ def cmd_plan_table(args) -> int:
         arch = SHAPES[row["shape"]]["arch"]
         marker = cache / f".bench-warm-{arch}"
         cold = arch not in seen_arch and not marker.exists()
-        run_id = f"plan-{index:02d}-{re.sub('[^A-Za-z0-9_.-]', '_', name)}"
-        job = trainer_job(model_dir, data, work / f"out-{run_id}", {"gpu_memory_gib": row["budget_gib"]}, steps,
-                          checkpoint_every=100000, name=f"bench-plan-{index:02d}", profile=row["profile"],
-                          seq=row["seq"])
-        config = work / f"job-{run_id}.yaml"
-        config.write_text(json.dumps(job))
+        run_id, _, argv = row_trainer_run("plan", index, row, model_dir, data, work, steps)
         termination = work / f"termination-{run_id}"
         termination.unlink(missing_ok=True)
         extra = {"KUBESLOTH_TERMINATION_LOG": str(termination)}
         if args.engine:
             extra["KUBESLOTH_ENGINE"] = args.engine
         extra.update(row["env"])
-        argv = [sys.executable, "-m", "kubesloth.trainer", "--config", str(config)]
         timeout = min(left, args.row_timeout)
         log(f"{name}: start ({'cold' if cold else 'warm'} {arch} compile cache), {left:.0f}s of budget left, "
             f"row timeout {timeout:.0f}s")
@@ -1025,15 +1032,8 @@ def cmd_restart(args) -> int:
             log(f"{name}: skipped ({left:.0f}s left)")
             results.append({**row, "skipped": f"{left:.0f}s of the budget left"})
             continue
-        run_id = f"restart-{index:02d}-{re.sub('[^A-Za-z0-9_.-]', '_', name)}"
-        output = work / f"out-{run_id}"
         steps = args.interrupt_at + args.after
-        job = trainer_job(model_dir, data, output, {"gpu_memory_gib": row["budget_gib"]}, steps,
-                          checkpoint_every=100000, name=f"bench-restart-{index:02d}", profile=row["profile"],
-                          seq=row["seq"])
-        config = work / f"job-{run_id}.yaml"
-        config.write_text(json.dumps(job))
-        argv = [sys.executable, "-m", "kubesloth.trainer", "--config", str(config)]
+        run_id, output, argv = row_trainer_run("restart", index, row, model_dir, data, work, steps)
         result = {**row, "interrupt_at": args.interrupt_at}
         for phase in ("interrupted", "restarted"):
             termination = work / f"termination-{run_id}-{phase}"

@@ -1004,6 +1004,23 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
+def evict_page_cache(*folders: Path) -> int:
+    """Drops the files under folders from the page cache (posix_fadvise DONTNEED after fsync: no root needed, as
+    /proc/sys/vm/drop_caches would); returns their bytes. Pages mapped by a live process stay."""
+    total = 0
+    for folder in folders:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+                total += size
+            finally:
+                os.close(fd)
+    return total
+
+
 def cmd_restart(args) -> int:
     """A preempted run and its restart, per plan row: run A trains to step --interrupt-at, gets SIGTERM (what a
     preemption or drain sends), writes its interrupt checkpoint and exits 6; run B is the same config on the same
@@ -1036,6 +1053,11 @@ def cmd_restart(args) -> int:
         run_id, output, argv = row_trainer_run("restart", index, row, model_dir, data, work, steps)
         result = {**row, "interrupt_at": args.interrupt_at}
         for phase in ("interrupted", "restarted"):
+            if phase == "restarted" and args.evict_page_cache:
+                # A pod restarted on another node finds neither the model nor the checkpoint in its page cache.
+                result["evicted_bytes"] = evict_page_cache(model_dir, output)
+                log(f"{name}: {result['evicted_bytes'] / 2**30:.1f} GiB of model and checkpoint evicted from the "
+                    "page cache")
             termination = work / f"termination-{run_id}-{phase}"
             env = child_env(cache, {"KUBESLOTH_TERMINATION_LOG": str(termination), **row["env"]})
             resumed: dict = {}
@@ -1125,6 +1147,9 @@ def main(argv=None) -> int:
                          "plan rows, e.g. 8b:2048:48:lean", row_timeout=240, min_row_seconds=120)
     p.add_argument("--interrupt-at", type=int, default=2, help="SIGTERM after this step's line")
     p.add_argument("--after", type=int, default=3, help="maxSteps is --interrupt-at + this")
+    p.add_argument("--evict-page-cache", action="store_true",
+                   help="before the restart, drop the model's and the checkpoint's files from the page cache "
+                        "(a pod restarted on another node reads both from storage)")
     p.add_argument("--build-models", action="store_true",
                    help="build each row's shape and data into --models just before the row, remove the shape "
                         "after its last row (rows of several 7-8B shapes on a small disk)")

@@ -263,13 +263,14 @@ def test_cpu_dry_run_restart_resumes_from_the_interrupt_checkpoint(tmp_path):
     models, out = tmp_path / "m", tmp_path / "out"
     # Paced (the trainer's test hook) so the SIGTERM lands while steps remain. --build-models: the row's model is
     # built just before it and removed after it (how bench/h200.sh runs it).
-    done = run("restart", "--models", str(models), "--build-models",
+    done = run("restart", "--models", str(models), "--build-models", "--evict-page-cache",
                "--rows", "tiny:64:24@KUBESLOTH_TEST_STEP_DELAY_SECONDS=0.3",
                "--out", str(out), "--work", str(tmp_path / "work"), "--cache", str(tmp_path / "cache"),
                "--budget", "240", "--min-row-seconds", "10")
     assert done.returncode == 0, done.stdout + done.stderr
     assert not (models / "tiny").exists() and (models / "data-64.jsonl").is_file()
     row = json.loads((out / "restart-table.json").read_text())["rows"][0]
+    assert row["evicted_bytes"] > row["interrupted"]["checkpoint_bytes"]  # the model's files and the checkpoint's
     a, b = row["interrupted"], row["restarted"]
     assert a["exit_code"] == 6 and a["sigterm_at_s"] > 0 and a["sigterm_to_exit_s"] > 0, a
     assert a["checkpoint_bytes"] > 0 and "interrupt" in (a["termination"] or "").lower(), a

@@ -276,6 +276,7 @@ def describe(ftj: Mapping[str, Any], now: datetime | None = None) -> str:
     counts = [f"{k} {status[k]}" for k in ("failures", "interruptions") if status.get(k)]
     if counts:
         lines.append(f"Attempts:    {', '.join(counts)}")
+    lines += attempt_lines(status.get("attempts") or {})
     if status.get("podName"):
         lines.append(f"Pod:         {status['podName']}")
     estimate = status.get("estimate") or {}
@@ -306,6 +307,23 @@ def describe(ftj: Mapping[str, Any], now: datetime | None = None) -> str:
             human_duration((now - t).total_seconds()) if (t := parse_time(c.get("lastTransitionTime"))) else "",
             (c.get("message") or "")[:100]] for c in conditions], indent="  ")]
     return "\n".join(lines)
+
+
+def attempt_lines(attempts: Mapping[str, Any]) -> list[str]:
+    """The operator's record of the current Job's trainer pods (status.attempts), one row a pod: how its attempt
+    was counted and why, so a run that came through interruptions says which pod ended how."""
+    pods = attempts.get("pods") or []
+    earlier = [f"{attempts[k]} {label}" for k, label in (("earlierInterruptions", "interruptions"),
+                                                        ("earlierFailures", "failures")) if attempts.get(k)]
+    if not pods and not earlier:
+        return []
+    rows = [["POD", "COUNTED", "REASON", "CREATED"]] + [[
+        pod.get("name", "") or "", pod.get("ended") or ("running" if pod.get("ran") else "not started"),
+        pod.get("reason", "") or "", pod.get("created", "") or ""] for pod in pods]
+    out = [table_of(rows, indent="  ")] if pods else []
+    if earlier:
+        out.append(f"  and, of pods created before {attempts.get('before', '?')}: {', '.join(earlier)}")
+    return out
 
 
 def table_of(rows: list[list[str]], indent: str = "") -> str:

@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from kubesloth import cli
-from kubesloth.client import (Exit, FineTuneJob, event_line, human_duration, outcome, progress_line, result_of,
-                              table)
+from kubesloth.client import (Exit, FineTuneJob, describe, event_line, human_duration, outcome, progress_line,
+                              result_of, table)
 from kubesloth.local.cluster import REPO_ROOT
 
 NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -140,6 +140,25 @@ def test_result_from_status_output_or_the_destination():
     assert (result.path, result.files, result.loss, result.steps) == ("pvc://outputs/tiny/model", 6, 1.5, 30)
     assert result_of(ftj("Succeeded")).path == "pvc://outputs/tiny/model"
     assert result_of(ftj("Running")).path is None
+
+
+def test_status_lists_each_attempt_as_the_operator_counted_it():
+    """`kubesloth status` shows status.attempts: which pod ended how, also after the pods are gone."""
+    attempts = {"jobUid": "j1", "before": "2026-12-01T11:00:00Z", "earlierInterruptions": 2,
+                "pods": [{"name": "tiny-trainer-a", "created": "2026-12-01T11:10:00Z", "ran": True,
+                          "ended": "Interruption", "reason": "PodDeleted"},
+                         {"name": "tiny-trainer-b", "created": "2026-12-01T11:20:00Z", "ran": True,
+                          "ended": "Failure", "reason": "OutOfMemory"},
+                         {"name": "tiny-trainer-c", "created": "2026-12-01T11:30:00Z", "ran": True}]}
+    text = describe(ftj("Running", interruptions=3, failures=1, attempts=attempts), now=NOW)
+    lines = text.splitlines()
+    at = lines.index("Attempts:    failures 1, interruptions 3")
+    assert lines[at + 1].split() == ["POD", "COUNTED", "REASON", "CREATED"]
+    assert lines[at + 2].split() == ["tiny-trainer-a", "Interruption", "PodDeleted", "2026-12-01T11:10:00Z"]
+    assert lines[at + 3].split() == ["tiny-trainer-b", "Failure", "OutOfMemory", "2026-12-01T11:20:00Z"]
+    assert lines[at + 4].split() == ["tiny-trainer-c", "running", "2026-12-01T11:30:00Z"]
+    assert lines[at + 5] == "  and, of pods created before 2026-12-01T11:00:00Z: 2 interruptions"
+    assert "POD" not in describe(ftj("Running"), now=NOW)  # nothing recorded: no table
 
 
 def test_the_notebook_builder_validates_and_keeps_the_spec_as_written():

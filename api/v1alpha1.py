@@ -893,6 +893,9 @@ class AttemptRecord(_Model):
         description="Failures of the Job's pods created before `before`.", ge=0)] = None
     pods: Annotated[Optional[list[PodAttempt]], Field(
         description="The Job's pods from `before` on, each with how its attempt was counted.")] = None
+    last_reason: Annotated[Optional[str], Field(
+        description="The reason of the newest counted attempt (kept when its entry is folded into the earlier "
+                    "counts): what the Running message names once that pod is gone.", max_length=128)] = None
 
 
 class FineTuneJobStatus(_Model):

@@ -276,6 +276,7 @@ def record_attempts(record: Any, job: dict[str, Any] | None, pods: list[dict[str
     before = old.get("before") if isinstance(old.get("before"), str) else ""
     earlier_i = _count(old.get("earlierInterruptions")) or 0
     earlier_f = _count(old.get("earlierFailures")) or 0
+    last_reason = old.get("lastReason") if isinstance(old.get("lastReason"), str) else None
     entries: dict[str, dict[str, Any]] = {}
     for raw in old.get("pods") if isinstance(old.get("pods"), list) else []:
         entry = _entry_of(raw)
@@ -329,6 +330,9 @@ def record_attempts(record: Any, job: dict[str, Any] | None, pods: list[dict[str
         else:
             kept.append(entry)
     before = max(before, cut)
+    counted = [e for e in ordered if e.get("ended") in (COUNTED_INTERRUPTION, COUNTED_FAILURE) and e.get("reason")]
+    if counted:
+        last_reason = counted[-1]["reason"]  # newest created: what the running message names once its pod is gone
     listed = [e.get("ended") for e in kept]
     counts = Counts(interruptions=earlier_i + listed.count(COUNTED_INTERRUPTION)
                     + sum(a.kind == INTERRUPTION for a in provisional),
@@ -338,6 +342,8 @@ def record_attempts(record: Any, job: dict[str, Any] | None, pods: list[dict[str
     new = {"jobUid": uid, "earlierInterruptions": earlier_i, "earlierFailures": earlier_f, "pods": kept}
     if before:
         new["before"] = before
+    if last_reason:
+        new["lastReason"] = last_reason[:128]
     return new, counts
 
 
@@ -374,8 +380,8 @@ def pod_waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
 
 
 # --- the phase ---------------------------------------------------------------------------------------------------
-def _phase(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], counts: Counts
-           ) -> tuple[str, str, str]:
+def _phase(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], counts: Counts,
+           record: dict[str, Any] | None = None) -> tuple[str, str, str]:
     spec = ftj.get("spec") or {}
     old = ftj.get("status") or {}
     backoff, max_interruptions = limits(spec)
@@ -441,11 +447,10 @@ def _phase(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str,
     if pod_phase == "Running" and (_container_status(current).get("state") or {}).get("running") is not None:
         earlier = counts.interruptions + counts.failures
         # The last attempt's own reason (Evicted, Preempted, Interrupted, OutOfMemory, ...): the pod that said it
-        # is gone soon, the running message keeps it.
+        # is gone soon, the running message keeps it; once it is gone, the record of attempts still has it.
+        last_reason = last.reason if last else (record or {}).get("lastReason")
         note = (f" (attempt {earlier + 1}: {counts.interruptions} interruptions, {counts.failures} failures "
-                f"before; the last: {last.reason})" if last else
-                f" (attempt {earlier + 1}: {counts.interruptions} interruptions, {counts.failures} failures "
-                "before)") if earlier else ""
+                f"before" + (f"; the last: {last_reason})" if last_reason else ")")) if earlier else ""
         return Phase.Running.value, "TrainerRunning", f"trainer pod {current['metadata']['name']} is running{note}"
     if pod_phase == "Succeeded":
         return Phase.Running.value, "TrainerFinished", "the trainer exited 0; waiting for the Job to complete"
@@ -611,7 +616,7 @@ def derive_status(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[di
         record, mine = record_attempts(record, job, pods if seen_pods is None else seen_pods,
                                        stopped_by_operator(ftj, job))
         counts = with_prior(job, mine)
-    phase, reason, message = _phase(ftj, job, pods, counts)
+    phase, reason, message = _phase(ftj, job, pods, counts, record)
     finished = phase in FINISHED_PHASES
 
     conditions: list[dict[str, Any]] = []

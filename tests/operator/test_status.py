@@ -421,6 +421,18 @@ def test_the_running_message_keeps_the_last_interruptions_reason():
     assert status["message"].endswith("the last: Preempted)")
 
 
+def test_the_running_message_names_the_last_reason_after_its_pod_is_gone():
+    # Recorded while the evicted pod existed; then it is deleted: the count stands and so does its reason.
+    evicted = ended_pod("p0", "2026-11-29T11:00:00Z", pod_reason="Evicted",
+                        pod_message="The node was low on resource: memory.")
+    running = running_pod("p1", created="2026-11-29T11:01:00Z")
+    first = derive_status(ftj(backoffLimit=0), job(failed=1, backoffLimit=100), [evicted, running], NOW)
+    assert "the last: Evicted" in first["message"]
+    later = derive_status(ftj(first, backoffLimit=0), job(failed=1, backoffLimit=100), [running], NOW)
+    assert later["phase"] == "Running" and (later["interruptions"], later["failures"]) == (1, 0)
+    assert later["message"].endswith("1 interruptions, 0 failures before; the last: Evicted)")
+
+
 # --- the record of attempts (status.attempts) ---------------------------------------------------------------------
 def at(minute: int) -> str:
     return (datetime(2026, 11, 29, 11, 0, tzinfo=timezone.utc) + timedelta(minutes=minute)).strftime(

@@ -55,6 +55,21 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def smaps_rss(text: str) -> dict[str, float]:
+    """RSS in MiB by kind of mapping: [heap] (glibc's main arena), anonymous 64 MiB-aligned glibc thread arenas
+    and CPython's 1 MiB arenas alike ("anon"), [stack], shared libraries and other files ("files")."""
+    kinds: dict[str, float] = {}
+    kind = "anon"
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            name = fields[5] if len(fields) > 5 else ""
+            kind = name if name.startswith("[") else ("files" if name else "anon")
+        elif fields and fields[0] == "Rss:":
+            kinds[kind] = kinds.get(kind, 0.0) + int(fields[1]) / 1024
+    return {k: round(v, 1) for k, v in sorted(kinds.items())}
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--tracemalloc (0: no tracing, only RSS, glibc's and CPython's allocator statistics)")
     parser.add_argument("--operator-env", action="append", default=[], metavar="NAME=VALUE",
                         help="diagnosis: extra environment for the operator (e.g. MALLOC_ARENA_MAX=1)")
+    parser.add_argument("--smaps", metavar="DIR", help="diagnosis: save the operator's /proc/PID/smaps at idle, "
+                        "at N and after deletion to DIR, and report RSS by kind of mapping")
     parser.add_argument("--py-spy", metavar="FILE", help="diagnosis: record the operator with py-spy (on PATH) "
                         "during the burst, a speedscope profile to FILE")
     args = parser.parse_args(argv)
@@ -147,10 +164,20 @@ def main(argv: list[str] | None = None) -> int:
                      "KUBESLOTH_OPERATOR_HUB_CONFIGS": "false", **debug_env})
         print(f"[scale] operator pid {operator.pid}, log {log_path}", file=sys.stderr, flush=True)
 
+        dumped = [0]
+
         def memory_dump(step: str) -> None:
             if args.tracemalloc:
+                dumped[0] += 1
                 os.kill(operator.pid, signal.SIGUSR1)
-                time.sleep(5)
+                done = Path(debug_env["KUBESLOTH_OPERATOR_TRACEMALLOC"] + f".{dumped[0]}.done")
+                wait(f"the operator's dump {dumped[0]}", done.exists, 300)
+            if args.smaps:
+                Path(args.smaps).mkdir(parents=True, exist_ok=True)
+                text = Path(f"/proc/{operator.pid}/smaps").read_text()
+                (Path(args.smaps) / f"{dumped[0] if args.tracemalloc else step.replace(' ', '-')}.smaps"
+                 ).write_text(text)
+                result.setdefault("rss_by_mapping_mib", {})[step] = smaps_rss(text)
             print(f"[scale] {step}: RSS {rss_mib(operator.pid):.1f} MiB", file=sys.stderr, flush=True)
 
         import urllib3

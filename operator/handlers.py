@@ -14,6 +14,7 @@ stopped operator never blocks `kubectl delete ftj`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import ctypes.util
 import gc
@@ -102,7 +103,112 @@ def _install_memory_dump() -> None:
                 os.dup2(saved, 2)
                 os.close(saved)
 
-    signal.signal(signal.SIGUSR1, dump)
+    def dump_and_survivors(*_) -> None:
+        dump()
+        if os.environ.get("KUBESLOTH_OPERATOR_TRACEMALLOC_SURVIVORS"):
+            with open(f"{prefix}.{dumps[0]}.survivors.txt", "w") as out:
+                _survivors(out, dumps[0] == 1)
+        open(f"{prefix}.{dumps[0]}.done", "w").close()  # the bench waits for this
+
+    signal.signal(signal.SIGUSR1, dump_and_survivors)
+
+
+_IDLE: dict = {}
+
+
+def _survivors(out, first: bool) -> None:
+    """Diagnosis (KUBESLOTH_OPERATOR_TRACEMALLOC_SURVIVORS=1 with the dump): the first dump remembers every
+    gc-tracked object and the 16 KiB pools (CPython's unit inside a 1 MiB arena) they lie in; a later one lists
+    the objects made since that are still alive, by type and by where they were allocated (tracemalloc), the
+    pools holding only such objects, and what refers to a sample of each type (chains of referrers)."""
+    import collections
+    import tracemalloc
+
+    if first:  # the snapshot first, so that its own objects count as from before
+        _IDLE["snapshot"] = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
+    objects = gc.get_objects()
+    if first:
+        _IDLE["ids"] = {id(o): type(o) for o in objects}
+        out.write(f"{len(objects)} gc objects remembered\n")
+        return
+    ids = _IDLE["ids"]
+    new = [o for o in objects if ids.get(id(o)) is not type(o)]
+    old_pools = {i >> 14 for i in ids}
+    new_pools = collections.Counter(id(o) >> 14 for o in new)
+    alone = {p: n for p, n in new_pools.items() if p not in old_pools}
+    arenas = collections.Counter(p >> 6 for p in alone)
+    out.write(f"{len(new)} gc objects made since the first dump alive; in {len(new_pools)} pools, {len(alone)} "
+              f"with no object from before ({sum(alone.values())} objects), ~{len(arenas)} 1 MiB regions\n")
+    out.write("--- new by type\n")
+    for kind, n in collections.Counter(type(o).__qualname__ for o in new).most_common(50):
+        out.write(f"{n:7d} {kind}\n")
+    out.write("--- new in pools of their own, by type\n")
+    for kind, n in collections.Counter(type(o).__qualname__ for o in new
+                                       if (id(o) >> 14) in alone).most_common(40):
+        out.write(f"{n:7d} {kind}\n")
+    if tracemalloc.is_tracing():
+        out.write("--- new by allocation traceback (innermost last)\n")
+        where = collections.Counter()
+        for o in new:
+            tb = tracemalloc.get_object_traceback(o)
+            where[" <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in reversed(tb)) if tb
+                  else "?"] += 1
+        for key, n in where.most_common(40):
+            out.write(f"{n:7d} {key}\n")
+        if _IDLE.get("snapshot") is not None:
+            out.write("--- all allocations (gc or not) grown since the first dump, by traceback\n")
+            mine = [tracemalloc.Filter(False, __file__, all_frames=True),
+                    tracemalloc.Filter(False, tracemalloc.__file__, all_frames=True)]
+            now = tracemalloc.take_snapshot().filter_traces(mine)
+            for stat in sorted(now.compare_to(_IDLE["snapshot"].filter_traces(mine), "traceback"), key=lambda s: -s.count_diff)[:40]:
+                if stat.count_diff <= 0:
+                    break
+                out.write(f"{stat.count_diff:+7d} {stat.size_diff / 1024:+9.1f} KiB  "
+                          + " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}"
+                                        for f in reversed(stat.traceback)) + "\n")
+    out.write("--- referrer chains of samples (type: referrer types, up to 3 deep)\n")
+    skip = {id(objects), id(new)}
+    by_type = collections.defaultdict(list)
+    for o in new:
+        by_type[type(o)].append(o)
+
+    def describe(o) -> str:
+        if isinstance(o, dict):
+            keys = list(o)[:4]
+            return f"dict{keys!r:.80}"
+        if isinstance(o, (list, tuple, set, frozenset, collections.deque)):
+            return f"{type(o).__name__}[{len(o)}]"
+        if isinstance(o, type(sys)):
+            return f"module {o.__name__}"
+        if callable(o) and hasattr(o, "__qualname__"):
+            return f"{type(o).__name__} {getattr(o, '__module__', '')}.{o.__qualname__}"
+        return type(o).__qualname__
+
+    def chain(o, depth: int, seen: set) -> list[str]:
+        if depth == 0:
+            return []
+        refs = [r for r in gc.get_referrers(o) if id(r) not in skip and id(r) not in seen
+                and type(r).__name__ not in ("frame", "list_iterator")]
+        skip.add(id(refs))
+        lines = []
+        top = refs[:2]
+        skip.add(id(top))
+        for r in top:
+            seen.add(id(r))
+            lines.append("  " * (4 - depth) + describe(r) + (" (old)" if ids.get(id(r)) is type(r) else ""))
+            if ids.get(id(r)) is not type(r) and not isinstance(r, type(sys)):
+                lines += chain(r, depth - 1, seen)
+        return lines
+
+    skip.update(id(v) for v in by_type.values())
+    for kind, items in sorted(by_type.items(), key=lambda kv: -len(kv[1]))[:15]:
+        sample = items[:: max(1, len(items) // 2)][:2]
+        skip.add(id(sample))
+        for o in sample:
+            out.write(f"{kind.__qualname__} ({len(items)}): {describe(o)}\n")
+            for line in chain(o, 3, {id(o)}):
+                out.write(f"    {line}\n")
+    del new, objects, by_type
 
 
 def _mallinfo() -> dict[str, float]:
@@ -303,6 +409,31 @@ def _resync_loop() -> None:
         resync_pass(RECONCILER, SETTINGS.namespaces)
 
 
+HANDLER_THREADS = 8
+
+
+def started_executor(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """kopf's executor for the sync handlers, its `workers` threads started now. A ThreadPoolExecutor starts a
+    thread only when a task finds none idle, so kopf's (max_workers 8) started most of its threads during the
+    first burst of creations: each thread's objects (the Thread, its locks, conditions, events, the executor's
+    weak references; some thirty in all) were made then, amid the burst's short-lived ones, and lived on in
+    CPython's arenas that the burst had to add, each of which they kept from being returned after the burst was
+    gone (the after-deletion survivors, issue 12). Started at startup they lie with the operator's other
+    long-lived objects. Every thread waits at a barrier until all are up, so each task gets a thread of its
+    own."""
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kopf-handler")
+    barrier = threading.Barrier(workers)
+
+    def meet() -> None:
+        try:
+            barrier.wait(timeout=10)
+        except threading.BrokenBarrierError:  # a slow start: fewer started now, the rest when needed
+            pass
+
+    concurrent.futures.wait([executor.submit(meet) for _ in range(workers)])
+    return executor
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """kopf's settings for this operator (called at startup; a function so tests can check them)."""
     # kopf's bookkeeping in annotations under our own prefix: status stays ours alone (and the CRD schema
@@ -313,7 +444,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = "kubesloth.io/finalizer"  # only used if a deletion handler is ever added
     # Events are posted explicitly on phase transitions; kopf posts only its own warnings (handler failures).
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 8
+    settings.execution.executor = started_executor(HANDLER_THREADS)
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
 

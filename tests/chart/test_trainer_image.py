@@ -253,6 +253,7 @@ class TestTrainerImage:
             import importlib, importlib.util as u, json, sysconfig, os
             import torch, triton, transformers, trl, datasets, accelerate, bitsandbytes, peft, safetensors
             import cut_cross_entropy, prometheus_client, pynvml, tokenizers, yaml, pydantic
+            import zstandard, lz4.frame  # .zst / .lz4 dataset files
             import kubesloth.trainer, kubesloth.trainer.main
             from kubesloth.trainer.engines import cpu, hf, fused, unsloth as engine
             site = sysconfig.get_paths()["purelib"]

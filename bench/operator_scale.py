@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="diagnosis: extra environment for the operator (e.g. MALLOC_ARENA_MAX=1)")
     parser.add_argument("--smaps", metavar="DIR", help="diagnosis: save the operator's /proc/PID/smaps at idle, "
                         "at N and after deletion to DIR, and report RSS by kind of mapping")
+    parser.add_argument("--settle", type=float, default=0.0, metavar="S", help="diagnosis: read RSS after "
+                        "deletion once more, S seconds later")
     parser.add_argument("--py-spy", metavar="FILE", help="diagnosis: record the operator with py-spy (on PATH) "
                         "during the burst, a speedscope profile to FILE")
     args = parser.parse_args(argv)
@@ -301,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         memory_dump("after deletion")
         result["rss_after_delete_vs_idle_pct"] = round(100 * (result["rss_after_delete_mib"] /
                                                               result["rss_idle_mib"] - 1), 1)
+        if args.settle:  # the same reading later: what the watches' and kopf's reconnections (every 300 s) free
+            time.sleep(args.settle)
+            result["rss_after_delete_late_mib"] = round(rss_mib(operator.pid), 1)
+            result["rss_after_delete_late_s"] = args.settle
+            memory_dump(f"after deletion + {args.settle:g} s")
         tracebacks = log_path.read_text(errors="replace").count("Traceback")
         result.update(operator_log_tracebacks=tracebacks,
                       machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",

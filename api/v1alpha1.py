@@ -209,10 +209,10 @@ class ModelSpec(_Model):
 class DatasetSpec(_Model):
     source: Annotated[str, Field(
         description="Where the data is: hf://ORG/NAME[@revision] (only the split's files are downloaded), "
-                    "pvc://CLAIM/path, s3://bucket/prefix (needs the trainer's s3 extra) or file:///path: a "
-                    ".jsonl, .json, .parquet or .csv file (optionally .gz, .bz2, .xz, .zst or .lz4 compressed), or a "
-                    "directory of them (files naming the split are that split, as datasets.load_dataset reads "
-                    "them).",
+                    "pvc://CLAIM/path, s3://bucket/prefix (s3fs: in the trainer image; a custom image needs "
+                    "kubesloth[s3]) or file:///path: a .jsonl, .json, .parquet or .csv file (optionally .gz, .bz2, "
+                    ".xz, .zst or .lz4 compressed), or a directory of them (files naming the split are that split, as "
+                    "datasets.load_dataset reads them).",
         pattern=SOURCE_PATTERN)]
     split: Annotated[str, Field(description="Dataset split to train on.", min_length=1)] = "train"
     format: Annotated[DatasetFormat, Field(

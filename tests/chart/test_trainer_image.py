@@ -254,6 +254,7 @@ class TestTrainerImage:
             import torch, triton, transformers, trl, datasets, accelerate, bitsandbytes, peft, safetensors
             import cut_cross_entropy, prometheus_client, pynvml, tokenizers, yaml, pydantic
             import zstandard, lz4.frame  # .zst / .lz4 dataset files
+            import s3fs  # s3:// models and datasets
             import kubesloth.trainer, kubesloth.trainer.main
             from kubesloth.trainer.engines import cpu, hf, fused, unsloth as engine
             site = sysconfig.get_paths()["purelib"]

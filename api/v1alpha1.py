@@ -275,8 +275,10 @@ class TrainingSpec(_Model):
     report_to: Annotated[Optional[list[Tracker]], Field(
         description="Experiment trackers that get every logging step (loss, learning rate, tokens/s, grad norm, "
                     "memory): tensorboard (event files under <destination>/tensorboard/), wandb, mlflow (their "
-                    "own WANDB_*/MLFLOW_* env vars; the package must be in the trainer image or the run is "
-                    "refused at start). Each at most once; default none.",
+                    "own WANDB_*/MLFLOW_* env vars; the package must be in the trainer image: on the install's "
+                    "image, one it lacks is refused before anything is created (TrackerNotInImage; the chart's "
+                    "trainer.imageTrackers), on an image of spec.image the trainer refuses it at start). Each at "
+                    "most once; default none.",
         max_length=3)] = None
 
     @field_validator("report_to")

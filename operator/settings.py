@@ -88,6 +88,10 @@ class OperatorSettings:
     # Image prefixes spec.image may use besides trainer_image ("*": any). A user who may create FineTuneJobs
     # could otherwise run their own image with the token Secret of spec.model.tokenSecretRef in its env.
     allowed_images: tuple[str, ...] = ()
+    # spec.training.reportTo trackers whose packages trainer_image has (the chart's trainer.imageTrackers): the
+    # default image has tensorboardX only; a FineTuneJob naming another on that image is refused at the door, not
+    # by its trainer after a GPU was scheduled. Images named in spec.image are the user's to know.
+    image_trackers: tuple[str, ...] = ("tensorboard",)
     # Per-job pod settings (spec.serviceAccountName, Secrets in spec.env/envFrom/volumes), the chart's
     # trainer.jobPodSettings: service accounts a FineTuneJob may run its pod as ("*": any; empty: none), and whether
     # its spec may reference Secrets of its namespace. The operator creates the pod, so without these a user who may
@@ -190,6 +194,8 @@ class OperatorSettings:
             values["extra_env"] = {str(k): str(v) for k, v in json_value("EXTRA_ENV", dict).items()}
         if get("ALLOWED_IMAGES"):
             values["allowed_images"] = string_list("ALLOWED_IMAGES", "image prefixes")
+        if get("IMAGE_TRACKERS"):  # "[]": the image has none
+            values["image_trackers"] = string_list("IMAGE_TRACKERS", "tracker names")
         if get("ALLOWED_SERVICE_ACCOUNTS"):
             values["allowed_service_accounts"] = string_list("ALLOWED_SERVICE_ACCOUNTS", "service account names")
         if get("ALLOW_SECRETS"):

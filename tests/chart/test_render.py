@@ -77,6 +77,7 @@ BAD_VALUES = [
     ({"trainer": {"jobPodSettings": {"serviceAccountNames": ["Bad_SA"]}}},
      "/trainer/jobPodSettings/serviceAccountNames/0", "does not match pattern"),
     ({"trainer": {"jobPodSettings": {"serviceAccountName": ["a"]}}}, "additional properties 'serviceAccountName'", ""),
+    ({"trainer": {"imageTrackers": ["comet"]}}, "/trainer/imageTrackers/0", "'tensorboard', 'wandb', 'mlflow'"),
 ]
 
 
@@ -270,6 +271,22 @@ def test_job_pod_settings_reach_the_operator():
     trusted = OperatorSettings.from_env(render({"trainer": {"jobPodSettings": {"serviceAccountNames": ["*"],
                                                                                "secrets": True}}}).operator_env())
     assert pod_settings_refusal(spec, trusted) is None
+
+
+def test_image_trackers_reach_the_operator():
+    """trainer.imageTrackers: by default tensorboard only (the default image's tensorboardX), so reportTo wandb on
+    it is refused at the door; listed, it is allowed."""
+    from kubesloth.operator.builders import pod_settings_refusal
+
+    spec = builders.normalized({**_FTJ, "spec": {**_FTJ["spec"], "image": None,
+                                                 "training": {"profile": "lean", "reportTo": ["wandb"]}}})["spec"]
+    default = OperatorSettings.from_env(render({}).operator_env())
+    assert default.image_trackers == ("tensorboard",)
+    assert pod_settings_refusal(spec, default)[0] == "TrackerNotInImage"
+    wandb = OperatorSettings.from_env(render({"trainer": {"imageTrackers": ["tensorboard", "wandb"]}}).operator_env())
+    assert wandb.image_trackers == ("tensorboard", "wandb") and pod_settings_refusal(spec, wandb) is None
+    none = OperatorSettings.from_env(render({"trainer": {"imageTrackers": []}}).operator_env())
+    assert none.image_trackers == ()
 
 
 def test_the_cache_volume_claim_reaches_the_trainer_pod():

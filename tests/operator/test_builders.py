@@ -614,6 +614,30 @@ def test_pod_settings_rule():
     assert reason == "InvalidSpec" and message.startswith("spec.env[0].name: 'HF_HUB_OFFLINE'")
 
 
+def test_trackers_the_trainer_image_lacks_are_refused_at_the_door():
+    """The default image has tensorboardX only: reportTo wandb/mlflow on it would exit 2 in the pod, after a GPU
+    was scheduled. Refused before anything is created; an image of the user's (spec.image) is theirs to know."""
+    from kubesloth.operator.builders import pod_settings_refusal
+
+    def spec(report_to, image=None):  # None: the install's trainer image
+        training = {"profile": "lean", "maxSteps": 50, "reportTo": report_to}
+        return builders.normalized(make_ftj(training=training, image=image))["spec"]
+
+    settings = OperatorSettings()
+    assert pod_settings_refusal(spec(["tensorboard"]), settings) is None
+    reason, message = pod_settings_refusal(spec(["tensorboard", "wandb", "mlflow"]), settings)
+    assert reason == "TrackerNotInImage"
+    assert message.startswith("spec.training.reportTo: wandb, mlflow is not installed in the trainer image "
+                              f"{settings.trainer_image} (it has: tensorboard; chart value trainer.imageTrackers)")
+    assert pod_settings_refusal(spec(["wandb"], image=settings.trainer_image), settings)[0] == "TrackerNotInImage"
+    assert pod_settings_refusal(spec(["wandb"], image="registry.example/ml/trainer:wandb"), settings) is None
+    assert pod_settings_refusal(spec(["wandb"]), OperatorSettings(image_trackers=("tensorboard", "wandb"))) is None
+    assert OperatorSettings.from_env({"KUBESLOTH_OPERATOR_IMAGE_TRACKERS": "[]"}).image_trackers == ()
+    assert OperatorSettings.from_env({"KUBESLOTH_OPERATOR_IMAGE_TRACKERS": "tensorboard, wandb"}).image_trackers == \
+        ("tensorboard", "wandb")
+    assert OperatorSettings.from_env({}).image_trackers == ("tensorboard",)
+
+
 def test_pod_settings_from_env():
     read = OperatorSettings.from_env
     assert read({}).allowed_service_accounts == () and read({}).allow_secrets is False

@@ -79,10 +79,12 @@ def test_allowed_pod_settings_reach_the_trainer_job(stack, k8s):
      "SecretsNotAllowed", ["spec.env[0].valueFrom.secretKeyRef", "spec.envFrom[0].secretRef", "spec.volumes[0].secret"]),
     ({"volumes": [{"name": "a", "emptyDir": {}}], "volumeMounts": [{"name": "b", "mountPath": "/mnt/b"}]},
      "InvalidSpec", ["spec.volumeMounts", "'b' is not in spec.volumes"]),
-], ids=["service-account", "secrets", "mount-of-no-volume"])
+    ({"training": {"maxSteps": 3600, "reportTo": ["tensorboard", "wandb"]}}, "TrackerNotInImage",
+     ["spec.training.reportTo: wandb is not installed in the trainer image"]),
+], ids=["service-account", "secrets", "mount-of-no-volume", "tracker-not-in-image"])
 def test_beyond_the_install_is_refused_naming_the_field_and_a_fix_proceeds(stack, k8s, spec, reason, fields):
     name = "beyond"
-    k8s.apply(finetunejob(name, training={"maxSteps": 3600}, **spec))
+    k8s.apply(finetunejob(name, **{"training": {"maxSteps": 3600}, **spec}))
     cond = _refused(k8s, name, reason)
     for field in fields:
         assert field in cond["message"], cond["message"]

@@ -148,10 +148,9 @@ def pod_settings_refusal(spec: dict[str, Any], settings: OperatorSettings) -> tu
             f"{', '.join(uses)}: this install does not let FineTuneJobs reference Secrets in env, envFrom or volumes "
             "(the operator's KUBESLOTH_OPERATOR_ALLOW_SECRETS=false, chart value trainer.jobPodSettings.secrets); "
             "use a ConfigMap for what is not secret, or ask the cluster admin")
-    image = spec.get("image")
     trackers = [str(t) for t in (spec.get("training") or {}).get("reportTo") or []]
     missing = [t for t in trackers if t not in settings.image_trackers]
-    if missing and (not image or image == settings.trainer_image):
+    if missing and settings.runs_trainer_image(spec.get("image")):
         has = ", ".join(settings.image_trackers) or "none"
         return "TrackerNotInImage", (
             f"spec.training.reportTo: {', '.join(missing)} is not installed in the trainer image "

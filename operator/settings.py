@@ -223,9 +223,13 @@ class OperatorSettings:
                 raise SettingsError(f"{ENV_PREFIX}GPU_MEMORY: expected a JSON object of numbers") from None
         return cls(**values)
 
+    def runs_trainer_image(self, image: str | None) -> bool:
+        """spec.image unset or naming the install's own trainer image (whose contents the install knows)."""
+        return not image or image == self.trainer_image
+
     def image_allowed(self, image: str | None) -> bool:
         """spec.image may be the trainer image or start with one of allowed_images ("*" allows any)."""
-        if not image or image == self.trainer_image:
+        if self.runs_trainer_image(image):
             return True
         return any(prefix == "*" or image.startswith(prefix) for prefix in self.allowed_images)
 

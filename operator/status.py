@@ -188,7 +188,6 @@ class Counts:
 
     interruptions: int = 0
     failures: int = 0
-    fatal: int = 0
 
 
 def _annotation_int(job: dict[str, Any] | None, key: str) -> int:
@@ -337,8 +336,7 @@ def record_attempts(record: Any, job: dict[str, Any] | None, pods: list[dict[str
     counts = Counts(interruptions=earlier_i + listed.count(COUNTED_INTERRUPTION)
                     + sum(a.kind == INTERRUPTION for a in provisional),
                     failures=earlier_f + listed.count(COUNTED_FAILURE)
-                    + sum(a.kind != INTERRUPTION for a in provisional),
-                    fatal=sum(a.kind == FATAL for a in provisional))
+                    + sum(a.kind != INTERRUPTION for a in provisional))
     new = {"jobUid": uid, "earlierInterruptions": earlier_i, "earlierFailures": earlier_f, "pods": kept}
     if before:
         new["before"] = before
@@ -350,7 +348,7 @@ def record_attempts(record: Any, job: dict[str, Any] | None, pods: list[dict[str
 def with_prior(job: dict[str, Any] | None, counts: Counts) -> Counts:
     """This Job's counts plus what earlier Jobs of the run counted (the Job's prior-* annotations)."""
     return Counts(_annotation_int(job, ANNOTATION_PRIOR_INTERRUPTIONS) + counts.interruptions,
-                  _annotation_int(job, ANNOTATION_PRIOR_FAILURES) + counts.failures, counts.fatal)
+                  _annotation_int(job, ANNOTATION_PRIOR_FAILURES) + counts.failures)
 
 
 def limits(spec: dict[str, Any]) -> tuple[int, int]:

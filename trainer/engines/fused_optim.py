@@ -170,11 +170,9 @@ def _restore_bulk_states(opt: torch.optim.Optimizer, saved: dict,
     uncast = getattr(opt, "non_castable_tensor_keys", ())
     for pid, param in zip(saved_ids, params):
         for key, value in bulk.get(pid, {}).items():
-            if value.is_floating_point() and param.is_floating_point() and key not in uncast:
-                value = value.to(param.dtype)
-            if param.device.type == "cpu":
-                value = value.clone()
-            opt.state[param][key] = value
+            cast = value.is_floating_point() and param.is_floating_point() and key not in uncast
+            opt.state[param][key] = value.to(dtype=param.dtype if cast else value.dtype,
+                                             copy=param.device.type == "cpu")
 
 
 def _unfilled_state_buffer(opt: torch.optim.Optimizer, param: torch.nn.Parameter,

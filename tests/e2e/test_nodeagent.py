@@ -53,8 +53,10 @@ def test_node_is_registered_with_fake_gpus(agent, kubectl):
     def registered():
         proc = kubectl("get", "node", "kubesloth-local", "-o", "json", check=False)
         node = json.loads(proc.stdout) if proc.returncode == 0 else {}
-        # (an earlier module's agent may have registered the same node name with other labels)
-        return node if node.get("metadata", {}).get("labels", {}).get("nvidia.com/gpu.product") == "Test-GPU" else None
+        # (an earlier module's agent may have registered the same node name with other labels; the agent creates
+        # the Node, then writes its status: wait for both)
+        ours = node.get("metadata", {}).get("labels", {}).get("nvidia.com/gpu.product") == "Test-GPU"
+        return node if ours and "allocatable" in node.get("status", {}) else None
     node = wait_for("the node registered by this agent", registered, timeout=30)
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "1"
     assert [c["status"] for c in node["status"]["conditions"] if c["type"] == "Ready"] == ["True"]

@@ -38,11 +38,24 @@ RUN /opt/kubesloth/bin/pip install --no-cache-dir "/src[operator]" \
     && /opt/kubesloth/bin/python -m pip uninstall --yes --quiet pip setuptools
 
 FROM ${BASE} AS operator
+# Python on jemalloc, every object in it (PYTHONMALLOC=malloc): after a burst of thousands of FineTuneJobs comes
+# and goes, CPython's own allocator keeps each 1 MiB arena that a few survivors hold, and glibc the fragments of its
+# heaps. One arena and no thread caches (the GIL serialises allocation anyway) leave freed runs in one place for
+# jemalloc to return. Operator RSS after deleting 1000 FineTuneJobs, over idle: +26.5 % with CPython's allocator,
+# +14.9 % glibc's, +10.3 % jemalloc's defaults, +2.5 % this (docs/benchmarks.md, Scale). LD_PRELOAD by soname:
+# the loader finds it in its own multiarch directory. The base's Debian suite decides jemalloc's version.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=operator-build /opt/kubesloth /opt/kubesloth
 ENV PATH=/opt/kubesloth/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    HOME=/tmp
+    HOME=/tmp \
+    LD_PRELOAD=libjemalloc.so.2 \
+    PYTHONMALLOC=malloc \
+    MALLOC_CONF=background_thread:true,narenas:1,tcache:false
 # 65532: the conventional "nonroot" uid; no passwd entry is needed for a numeric USER.
 USER 65532:65532
 # kopf's liveness endpoint and the operator's Prometheus metrics.

@@ -18,6 +18,10 @@ at almost no cost to the machine. Steps:
      resync periods passed.
 
     .venv/bin/python bench/operator_scale.py --jobs 1000 --burst 200
+
+The operator runs on the memory allocator its image sets (`--allocator image`, the default: the Dockerfile's
+operator stage's LD_PRELOAD / PYTHONMALLOC / MALLOC_CONF, i.e. jemalloc: Debian's libjemalloc2 must be installed
+here, and the bench checks the operator process really mapped it); `--allocator python` runs it on CPython's own.
 Results go to docs/benchmarks.md ("Operator" section) by hand, with the date, command and machine.
 """
 
@@ -101,6 +105,28 @@ def wait(what: str, probe, timeout: float, every: float = 1.0):
     raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+ALLOCATOR_ENV = ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF")
+
+
+def image_allocator_env(dockerfile: Path = REPO_ROOT / "Dockerfile") -> dict[str, str]:
+    """The allocator settings of the Dockerfile's `operator` stage (its ENV instructions), so the bench measures
+    the operator as its image runs it."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
+    stage = re.split(r"^FROM\s+\S+\s+AS\s+operator\s*$", text, flags=re.MULTILINE | re.IGNORECASE)[1]
+    stage = re.split(r"^FROM\s", stage, flags=re.MULTILINE | re.IGNORECASE)[0]
+    env: dict[str, str] = {}
+    for line in stage.splitlines():
+        if line.strip().upper().startswith("ENV "):
+            env.update(item.split("=", 1) for item in line.split()[1:] if "=" in item)
+    return {name: env[name] for name in ALLOCATOR_ENV if name in env}
+
+
+def mapped_allocator(pid: int) -> str:
+    """What allocator library the process mapped: "jemalloc" or "libc"."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return "jemalloc" if "libjemalloc" in maps else "libc"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1000, help="FineTuneJobs at the peak")
@@ -113,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                         "after deletion (slower, more memory: not for the recorded figures)")
     parser.add_argument("--tracemalloc-frames", type=int, default=1, help="frames per traced allocation with "
                         "--tracemalloc (0: no tracing, only RSS, glibc's and CPython's allocator statistics)")
+    parser.add_argument("--allocator", choices=("image", "python"), default="image",
+                        help="image: the Dockerfile operator stage's allocator environment (jemalloc); python: "
+                        "CPython's own allocator (no LD_PRELOAD/PYTHONMALLOC/MALLOC_CONF)")
     parser.add_argument("--operator-env", action="append", default=[], metavar="NAME=VALUE",
                         help="diagnosis: extra environment for the operator (e.g. MALLOC_ARENA_MAX=1)")
     parser.add_argument("--smaps", metavar="DIR", help="diagnosis: save the operator's /proc/PID/smaps at idle, "
@@ -153,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.tracemalloc).mkdir(parents=True, exist_ok=True)
             debug_env["KUBESLOTH_OPERATOR_TRACEMALLOC"] = str(Path(args.tracemalloc).resolve() / "operator")
             debug_env["KUBESLOTH_OPERATOR_TRACEMALLOC_FRAMES"] = str(args.tracemalloc_frames)
+        if args.allocator == "image":
+            debug_env.update(image_allocator_env())
         debug_env.update(item.split("=", 1) for item in args.operator_env)
         if debug_env:
             result["operator_env"] = debug_env
@@ -165,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                      "KUBESLOTH_OPERATOR_RESYNC_SECONDS": str(args.resync),
                      "KUBESLOTH_OPERATOR_HUB_CONFIGS": "false", **debug_env})
         print(f"[scale] operator pid {operator.pid}, log {log_path}", file=sys.stderr, flush=True)
+        time.sleep(1)
+        result["allocator"] = mapped_allocator(operator.pid)
+        if "jemalloc" in debug_env.get("LD_PRELOAD", "") and result["allocator"] != "jemalloc":
+            raise SystemExit("the operator did not load jemalloc (LD_PRELOAD=" + debug_env["LD_PRELOAD"] + "): "
+                             "apt-get install libjemalloc2, or --allocator python")
 
         dumped = [0]
 

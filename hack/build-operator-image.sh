@@ -66,6 +66,9 @@ for option in --liveness --namespace --all-namespaces --standalone; do
 done
 "${BUILDAH[@]}" run --isolation chroot "$ctr" -- python3 -c \
   "import importlib.util as u, kopf, kubesloth.operator.handlers; assert u.find_spec('torch') is None, 'torch in operator image'"
+# Python runs on jemalloc (the loader only warns when LD_PRELOAD names a library it cannot find).
+"${BUILDAH[@]}" run --isolation chroot "$ctr" -- python3 -c \
+  "import ctypes, sys; sys.exit(0 if getattr(ctypes.CDLL(None), 'mallctl', None) else 'jemalloc is not loaded')"
 user=$("${BUILDAH[@]}" inspect --format '{{.OCIv1.Config.User}}' "$IMAGE")
 entrypoint=$("${BUILDAH[@]}" inspect --format '{{.OCIv1.Config.Entrypoint}}' "$IMAGE")
 [[ "$user" == "65532:65532" ]] || { log "image user is '$user', not non-root 65532"; exit 1; }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -107,3 +108,21 @@ def test_dockerignore_lets_in_only_the_package_sources():
     # Everything the Dockerfile copies is allowed in.
     copied = set(re.findall(r"^COPY (?!--from)(\S+)", DOCKERFILE.read_text(), re.MULTILINE))
     assert copied <= allowed | {"pyproject.toml", "README.md"}, copied - allowed
+
+
+def test_operator_runs_python_on_jemalloc_as_the_scale_bench_does():
+    operator = _stages(DOCKERFILE.read_text())["operator"]
+    env = " ".join(line for line in operator if line.upper().startswith("ENV "))
+    assert "LD_PRELOAD=libjemalloc.so.2" in env.split() and "PYTHONMALLOC=malloc" in env.split()
+    installs = [number for number, line in enumerate(operator) if "apt-get install" in line and "libjemalloc2" in line]
+    sets = [number for number, line in enumerate(operator) if line.upper().startswith("ENV ") and "LD_PRELOAD=" in line]
+    # Installed before the preload is set (a RUN after it would start every process with a missing library).
+    assert installs and sets and installs[0] < sets[0]
+    # bench/operator_scale.py measures the operator with the same settings, read from here.
+    spec = importlib.util.spec_from_file_location("operator_scale", REPO_ROOT / "bench" / "operator_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    read = bench.image_allocator_env(DOCKERFILE)
+    assert read["LD_PRELOAD"] == "libjemalloc.so.2" and read["PYTHONMALLOC"] == "malloc"
+    assert read == {name: value for name, value in (item.split("=", 1) for item in env.split() if "=" in item)
+                    if name in bench.ALLOCATOR_ENV}

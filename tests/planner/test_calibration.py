@@ -68,6 +68,8 @@ KNOWN_MISSES = {
     "h200-2026-12-01/run7/qwen7b:2048:48:lean": "Qwen2.5-7B paged 8 x 2048: torch reserved predicted 20.1 GiB, "
                                                  "measured 18.7 (+7.3 %): the qwen2 activation factor was fitted "
                                                  "on host rows at 1 x 16384 and 2 x 8192",
+    "h200-2026-12-01/run12/qwen7b:2048:48:lean": "the same row as run 7's, again: torch reserved predicted 20.1 GiB, "
+                                                  "measured 18.7 (+7.3 %)",
 }
 
 
@@ -88,6 +90,38 @@ def test_predicted_peaks_within_five_percent_of_measured(name, row):
 @pytest.mark.parametrize("name,row", TRAINED, ids=[n for n, _ in TRAINED])
 def test_every_trained_row_stayed_inside_its_budget(name, row):
     assert row["nvml_peak"] <= row["budget_bytes"]
+
+
+def restart_processes():
+    """Both processes of every restart row (bench/gpu_bench.py restart): the interrupted one and its resume."""
+    out = []
+    for path in sorted(RESULTS.glob("h200-*/run*/restart-table.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            for process in ("interrupted", "restarted"):
+                measured = row.get(process) or {}
+                if measured.get("nvml_peak"):
+                    out.append((f"{path.parent.parent.name}/{path.parent.name}/{row['row']}/{process}",
+                                int(row["budget_gib"] * GIB), measured))
+    return out
+
+
+OVER_BUDGET = {  # measured, not mended: docs/benchmarks.md, run 14
+    f"h200-2026-12-01/run14/8b:16384:24/{process}": "2.07 GiB outside torch against the planner's 1.42: the NVML "
+    "peak 0.2-0.5 GiB over the 24 GiB budget (run 7's same row: 1.4 outside torch)"
+    for process in ("interrupted", "restarted")}
+
+
+@pytest.mark.parametrize("name,budget,measured", [
+    pytest.param(name, budget, measured, id=name,
+                 marks=[pytest.mark.xfail(reason=OVER_BUDGET[name], strict=True)] if name in OVER_BUDGET else [])
+    for name, budget, measured in restart_processes()])
+def test_every_restart_process_stayed_inside_its_budget(name, budget, measured):
+    assert measured["nvml_peak"] <= budget, f"NVML peak {measured['nvml_peak'] / GIB:.2f} GiB"
+
+
+def test_restart_rows_of_several_shapes_and_budgets_are_checked():
+    rows = {name.rsplit("/", 1)[0].rsplit("/", 1)[1] for name, _, _ in restart_processes()}
+    assert {"8b:2048:48:lean", "qwen7b:2048:48:lean", "8b:16384:24", "qwen7b:8192:24"} <= rows
 
 
 @pytest.mark.parametrize("name,layout,row", table_rows(), ids=[n for n, _, _ in table_rows()])

@@ -42,7 +42,7 @@ FROM ${BASE} AS operator
 # and goes, CPython's own allocator keeps each 1 MiB arena that a few survivors hold, and glibc the fragments of its
 # heaps. One arena and no thread caches (the GIL serialises allocation anyway) leave freed runs in one place for
 # jemalloc to return. Operator RSS after deleting 1000 FineTuneJobs, over idle: +26.5 % with CPython's allocator,
-# +14.9 % glibc's, +10.3 % jemalloc's defaults, +2.5 % this (docs/benchmarks.md, Scale). LD_PRELOAD by soname:
+# +14.9 % glibc's, +10.3 % jemalloc's defaults, +2.5–2.7 % this (docs/benchmarks.md, Scale). LD_PRELOAD by soname:
 # the loader finds it in its own multiarch directory. The base's Debian suite decides jemalloc's version.
 # hadolint ignore=DL3008
 RUN apt-get update \

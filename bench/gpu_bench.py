@@ -166,8 +166,8 @@ def build_model(shape: str, out: Path) -> Path:
 
 
 def build_model_in_child(shape: str, out: Path) -> None:
-    """build_model in a process of its own: it builds on the GPU, and a CUDA context left in this process (~0.6 GiB
-    on the H200) would be counted in every later row's NVML device peak (runs 11, 13 and 14 had it: the restart
+    """build_model in a process of its own: it builds on the GPU, and a CUDA context left in this process would be
+    counted in every later row's NVML device peak (runs 11, 13 and 14 had it: the restart
     processes showed ~2.07 GiB outside torch where a plan row, built apart, shows ~1.5)."""
     subprocess.run([sys.executable, __file__, "models", "--out", str(out.parent), "--shapes", shape, "--seqs", ""],
                    check=True)

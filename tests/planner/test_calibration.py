@@ -106,7 +106,7 @@ def restart_processes():
 
 
 OVER_BUDGET = {  # docs/benchmarks.md, runs 14-15
-    f"h200-2026-12-01/run14/8b:16384:24/{process}": "NVML counted the bench's own CUDA context (~0.57 GiB: "
+    f"h200-2026-12-01/run14/8b:16384:24/{process}": "NVML counted the bench's own CUDA context (the 0.57 GiB gap: "
     "restart --build-models built the model on the GPU in the bench process, fixed since); the same row with its "
     "model built apart (run 15) peaked at 23.9 GiB, inside"
     for process in ("interrupted", "restarted")}
